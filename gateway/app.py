@@ -1,0 +1,100 @@
+"""The aiohttp application: state, middleware that renders every error once, routes."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.admission import Admitter
+from gateway.config import Settings
+from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
+from gateway.ingest import Ingestor
+from gateway.publisher import Publisher
+from gateway.routes import datasets, events, health
+from gateway.state import STATE, State
+from schemas.catalogue import Catalogue, load_catalogue
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+# Passed to AppRunner/TestServer: gzip bodies are inflated by gateway.payload under a limit,
+# never by aiohttp's parser (which has none).
+SERVER_KWARGS = {"auto_decompress": False, "access_log": None}
+
+
+def request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID")
+    if given and _REQUEST_ID_RE.match(given):
+        return given
+    return "req_" + secrets.token_hex(12)
+
+
+def problem(error: ApiError, rid: str, path: str) -> web.Response:
+    response = web.Response(status=error.status, body=orjson.dumps(error.body(rid, path)),
+                            content_type=PROBLEM_JSON, headers=error.headers)
+    if isinstance(error, PayloadTooLarge):
+        response.force_close()  # do not drain a body we refused to read
+    return response
+
+
+def _from_http(exc: web.HTTPException) -> ApiError:
+    if exc.status == 404:
+        return NotFound()
+    if exc.status == 405:
+        return MethodNotAllowed()
+    error = ApiError(exc.reason)
+    error.status = exc.status  # type: ignore[misc]
+    return error
+
+
+@web.middleware
+async def problems(request: web.Request, handler) -> web.StreamResponse:
+    rid = request_id(request)
+    request["request_id"] = rid
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = problem(exc, rid, request.path)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = problem(_from_http(exc), rid, request.path)
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": rid})
+        response = problem(InternalError(), rid, request.path)
+    response.headers["X-Request-ID"] = rid
+    return response
+
+
+def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Application:
+    """Build the application; the catalogue is loaded (and checked) here unless given."""
+    if catalogue is None:
+        catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
+    app = web.Application(middlewares=[problems], client_max_size=catalogue.max_request_bytes)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
+                               socket_connect_timeout=settings.redis_timeout_s,
+                               retry_on_timeout=False)
+        publisher = Publisher(settings)
+        await publisher.start()
+        admitter = Admitter(redis, settings.idempotency_lock_ttl_s, settings.idempotency_ttl_s)
+        ingestor = Ingestor(admitter, publisher, settings.max_reported_errors)
+        app[STATE] = State(settings, catalogue, redis, publisher, ingestor)
+        yield
+        await publisher.stop()
+        await redis.aclose()
+
+    app.cleanup_ctx.append(resources)
+    events.setup(app)
+    datasets.setup(app)
+    health.setup(app)
+    return app

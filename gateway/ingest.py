@@ -1,0 +1,139 @@
+"""Ingesting one request: admit, parse, validate, publish, and only then acknowledge.
+
+Knows nothing of HTTP: it takes an IngestRequest and returns an Answer or raises an ApiError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.admission import Admission, Admitter, Verdict
+from gateway.errors import (
+    IdempotencyInFlight,
+    IdempotencyMismatch,
+    RateLimited,
+    ValidationFailed,
+)
+from gateway.payload import gunzip, parse_items
+from gateway.publisher import Publisher
+from schemas import redis_keys
+from schemas.catalogue import Principal
+from schemas.dataset import Dataset, RateLimit
+from schemas.records import RecordMeta
+from schemas.validation import validate
+
+
+@dataclass(frozen=True, slots=True)
+class IngestRequest:
+    dataset: Dataset
+    principal: Principal
+    body: bytes  # as received: gzip-compressed when ``gzipped``
+    gzipped: bool
+    mime: str
+    partial: bool
+    idempotency_key: str | None
+    request_id: str
+    received_at_ms: int
+    session_id: str | None = None
+    sync_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    replayed: bool = False
+    accepted: int = 0  # items published by this request (0 for a replay)
+    rejected: int = 0
+
+
+class Ingestor:
+    def __init__(self, admitter: Admitter, publisher: Publisher, max_reported_errors: int):
+        self._admitter = admitter
+        self._publisher = publisher
+        self._max_errors = max_reported_errors
+
+    async def ingest(self, req: IngestRequest) -> Answer:
+        dataset = req.dataset
+        body = gunzip(req.body, dataset.max_decompressed_bytes) if req.gzipped else req.body
+        key_id = req.principal.key_id
+        idem = (redis_keys.idempotency_key(dataset.id, key_id, req.idempotency_key)
+                if req.idempotency_key is not None else None)
+        fingerprint = _fingerprint(req, body) if idem else ""
+        admission = await self._admitter.admit(
+            redis_keys.rate_bucket_key(dataset.id, key_id), dataset.rate_limit, idem,
+            fingerprint, req.request_id)
+        headers = _rate_headers(dataset.rate_limit, admission)
+        _refuse(admission, headers)
+        if admission.verdict is Verdict.REPLAY:
+            stored = admission.replay or b"202{}"
+            return Answer(int(stored[:3]), stored[3:], headers, replayed=True)
+        try:
+            answer = await self._process(req, body, headers)
+        except BaseException:
+            if idem is not None:
+                await self._admitter.release(idem, req.request_id)
+            raise
+        if idem is not None:
+            await self._admitter.complete(idem, req.request_id, answer.status, answer.body)
+        return answer
+
+    async def _process(self, req: IngestRequest, body: bytes, headers: dict[str, str]) -> Answer:
+        items = parse_items(body, req.mime)
+        verdict = validate(req.dataset, items, self._max_errors)
+        errors = [e.as_dict() for e in verdict.errors]
+        if verdict.invalid and (not req.partial or not verdict.valid):
+            raise ValidationFailed(
+                f"{verdict.invalid} of {len(items)} items do not match the schema of "
+                f"dataset {req.dataset.id!r}; nothing was accepted",
+                errors=errors, invalid_items=verdict.invalid,
+                errors_truncated=verdict.invalid > len(errors))
+        meta = RecordMeta(req.request_id, req.principal.key_id, req.received_at_ms,
+                          req.idempotency_key, req.session_id, req.sync_id)
+        await self._publisher.publish(req.dataset.entry_topic, verdict.valid, meta)
+        result: dict[str, Any] = {
+            "request_id": req.request_id,
+            "dataset": req.dataset.id,
+            "items_received": len(items),
+            "items_accepted": len(verdict.valid),
+        }
+        if verdict.invalid:
+            result["items_rejected"] = verdict.invalid
+            result["rejected"] = errors
+            result["rejected_truncated"] = verdict.invalid > len(errors)
+        return Answer(202, orjson.dumps(result), headers, accepted=len(verdict.valid),
+                      rejected=verdict.invalid)
+
+
+def _fingerprint(req: IngestRequest, body: bytes) -> str:
+    """What makes two requests 'the same' for an Idempotency-Key: body, format and mode."""
+    digest = hashlib.sha256(body)
+    digest.update(f"\0{req.mime}\0{int(req.partial)}\0{req.session_id or ''}".encode())
+    return digest.hexdigest()
+
+
+def _rate_headers(rate: RateLimit, admission: Admission) -> dict[str, str]:
+    if not rate.enabled:
+        return {}
+    return {
+        "RateLimit-Limit": str(rate.burst),
+        "RateLimit-Remaining": str(max(admission.remaining, 0)),
+        "RateLimit-Reset": str(max(1, -(-admission.reset_ms // 1000))),
+    }
+
+
+def _refuse(admission: Admission, headers: dict[str, str]) -> None:
+    verdict = admission.verdict
+    if verdict is Verdict.RATE_LIMITED:
+        retry = str(max(1, -(-admission.reset_ms // 1000)))
+        raise RateLimited("the ingest key's request rate is exhausted; retry after "
+                          f"{retry} s", headers={**headers, "Retry-After": retry})
+    if verdict is Verdict.IN_FLIGHT:
+        raise IdempotencyInFlight(headers={**headers, "Retry-After": "1"})
+    if verdict is Verdict.BODY_MISMATCH:
+        raise IdempotencyMismatch(headers=headers)

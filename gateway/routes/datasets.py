@@ -1,0 +1,67 @@
+"""Catalogue reads: list datasets, one dataset's schema, a sample request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from schemas.sample import sample_request
+
+from gateway.auth import authenticate, authorize
+from gateway.state import STATE
+from schemas.dataset import Dataset
+
+
+def summary(dataset: Dataset) -> dict[str, Any]:
+    return {
+        "id": dataset.id,
+        "title": dataset.title,
+        "description": dataset.description,
+        "entry_topic": dataset.entry_topic,
+        "item_key": dataset.item_key,
+        "event_id": dataset.event_id,
+        "fields": dataset.fields,
+    }
+
+
+def detail(dataset: Dataset) -> dict[str, Any]:
+    return {
+        **summary(dataset),
+        "schema": dataset.schema,
+        "limits": {
+            "max_request_bytes": dataset.max_request_bytes,
+            "max_decompressed_bytes": dataset.max_decompressed_bytes,
+            "rate_limit": {
+                "requests_per_second": dataset.rate_limit.requests_per_second,
+                "burst": dataset.rate_limit.burst,
+            } if dataset.rate_limit.enabled else None,
+        },
+    }
+
+
+async def list_datasets(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    visible = [summary(d) for d in state.catalogue if principal.may_write(d.id)]
+    return web.json_response({"datasets": visible})
+
+
+async def get_dataset(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
+    return web.json_response(detail(dataset))
+
+
+async def get_sample(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
+    path = f"/v1/datasets/{dataset.id}/events"
+    return web.json_response(sample_request(dataset.id, dataset.schema, dataset.item_key, path))
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/datasets", list_datasets)
+    app.router.add_get("/v1/datasets/{dataset}", get_dataset)
+    app.router.add_get("/v1/datasets/{dataset}/sample", get_sample)

@@ -1,0 +1,69 @@
+"""POST /v1/datasets/{dataset}/events: the push route."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from aiohttp import web
+
+from gateway.auth import authenticate, authorize
+from gateway.errors import InvalidHeader
+from gateway.ingest import IngestRequest
+from gateway.payload import check_declared_length, check_encoding, media_type, read_limited
+from gateway.state import STATE
+
+# Printable ASCII without spaces, as the IETF Idempotency-Key draft and Stripe allow.
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+_TRUE = frozenset({"true", "1", "yes"})
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    token = request.headers.get("Idempotency-Key")
+    if token is None:
+        return None
+    token = token.strip().strip('"')  # the draft sends it as a structured-field string
+    if not _IDEMPOTENCY_KEY_RE.match(token):
+        raise InvalidHeader("Idempotency-Key must be 1-255 printable ASCII characters")
+    return token
+
+
+def content_type(request: web.Request) -> str:
+    declared = request.headers.get("Content-Type")
+    return media_type(request.content_type if declared else None, request.charset)
+
+
+async def post_events(request: web.Request) -> web.Response:
+    received_at_ms = time.time_ns() // 1_000_000
+    state = request.app[STATE]
+    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
+    item_key = request.headers.get("X-Item-Key")
+    if item_key is not None and item_key != dataset.item_key:
+        raise InvalidHeader(f"X-Item-Key {item_key!r} does not match dataset "
+                            f"{dataset.id!r}'s item key {dataset.item_key!r}")
+    mime = content_type(request)
+    gzipped = check_encoding(request.headers.get("Content-Encoding"))
+    check_declared_length(request.content_length, dataset.max_request_bytes)
+    token = idempotency_key(request)
+    body = await read_limited(request.content, dataset.max_request_bytes)
+    answer = await state.ingestor.ingest(IngestRequest(
+        dataset=dataset,
+        principal=principal,
+        body=body,
+        gzipped=gzipped,
+        mime=mime,
+        partial=request.query.get("partial", "").lower() in _TRUE,
+        idempotency_key=token,
+        request_id=request["request_id"],
+        received_at_ms=received_at_ms,
+    ))
+    response = web.Response(status=answer.status, body=answer.body,
+                            content_type="application/json", headers=answer.headers)
+    if answer.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post("/v1/datasets/{dataset}/events", post_events)

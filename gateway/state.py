@@ -1,0 +1,25 @@
+"""What every handler reaches through the application: settings, catalogue, clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway.config import Settings
+from gateway.ingest import Ingestor
+from gateway.publisher import Publisher
+from schemas.catalogue import Catalogue
+
+
+@dataclass(slots=True)
+class State:
+    settings: Settings
+    catalogue: Catalogue
+    redis: Redis
+    publisher: Publisher
+    ingestor: Ingestor
+
+
+STATE = web.AppKey("state", State)

@@ -1,0 +1,115 @@
+"""The dataset catalogue: definition files loaded from a directory, with the key index."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import yaml
+
+from schemas.dataset import Dataset, DatasetError, Limits, parse_dataset
+from schemas.keys import IngestKey, key_id_of, matches
+
+DEFINITION_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+class CatalogueError(ValueError):
+    """A catalogue that cannot be loaded: names the file and the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key id (the connector) and the datasets it may write."""
+
+    key_id: str
+    datasets: frozenset[str]
+    admin: bool = False
+
+    def may_write(self, dataset_id: str) -> bool:
+        return self.admin or dataset_id in self.datasets
+
+
+class Catalogue:
+    """Datasets by id plus an index of ingest keys by key id."""
+
+    def __init__(self, datasets: list[Dataset], admin_keys: tuple[IngestKey, ...] = ()):
+        self._datasets = {d.id: d for d in datasets}
+        self._keys: dict[str, tuple[str, frozenset[str], bool]] = {}
+        for dataset in datasets:
+            for key in dataset.ingest_keys:
+                self._add_key(key, dataset.id, admin=False)
+        for key in admin_keys:
+            self._add_key(key, None, admin=True)
+
+    def _add_key(self, key: IngestKey, dataset_id: str | None, admin: bool) -> None:
+        known = self._keys.get(key.key_id)
+        if known is not None and known[0] != key.sha256:
+            raise CatalogueError(
+                f"ingest key id {key.key_id!r} is declared with two different hashes; "
+                "a key id names one connector"
+            )
+        datasets = known[1] if known else frozenset()
+        if dataset_id is not None:
+            datasets = datasets | {dataset_id}
+        self._keys[key.key_id] = (key.sha256, datasets, admin or bool(known and known[2]))
+
+    def __iter__(self) -> Iterator[Dataset]:
+        return iter(self._datasets.values())
+
+    def __len__(self) -> int:
+        return len(self._datasets)
+
+    def get(self, dataset_id: str) -> Dataset | None:
+        return self._datasets.get(dataset_id)
+
+    def authenticate(self, presented: str) -> Principal | None:
+        """The principal for a presented key, or None; the digest check is constant-time."""
+        key_id = key_id_of(presented)
+        entry = self._keys.get(key_id) if key_id else None
+        if entry is None or not matches(presented, entry[0]):
+            return None
+        return Principal(key_id, entry[1], entry[2])
+
+    @property
+    def max_request_bytes(self) -> int:
+        return max((d.max_request_bytes for d in self), default=1024 * 1024)
+
+
+def definition_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in DEFINITION_SUFFIXES)
+
+
+def read_definition(path: Path) -> object:
+    text = path.read_bytes()
+    return orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+
+
+def load_catalogue(
+    directory: Path, limits: Limits, admin_keys: tuple[IngestKey, ...] = ()
+) -> Catalogue:
+    """Load every definition file in ``directory``; any bad file stops with its name and why."""
+    if not directory.is_dir():
+        raise CatalogueError(f"{directory}: catalogue directory does not exist")
+    datasets: dict[str, tuple[Dataset, Path]] = {}
+    topics: dict[str, str] = {}
+    for path in definition_files(directory):
+        try:
+            dataset = parse_dataset(read_definition(path), limits)
+        except (DatasetError, orjson.JSONDecodeError, yaml.YAMLError) as exc:
+            raise CatalogueError(f"{path}: {exc}") from exc
+        if dataset.id in datasets:
+            raise CatalogueError(f"{path}: dataset id {dataset.id!r} already defined in "
+                                 f"{datasets[dataset.id][1]}")
+        if dataset.entry_topic in topics:
+            raise CatalogueError(f"{path}: entry topic {dataset.entry_topic!r} already used by "
+                                 f"dataset {topics[dataset.entry_topic]!r}")
+        datasets[dataset.id] = (dataset, path)
+        topics[dataset.entry_topic] = dataset.id
+    if not datasets:
+        raise CatalogueError(f"{directory}: no dataset definitions (*.json, *.yaml)")
+    try:
+        return Catalogue([d for d, _ in datasets.values()], admin_keys)
+    except CatalogueError as exc:
+        raise CatalogueError(f"{directory}: {exc}") from exc

@@ -1,0 +1,189 @@
+"""The dataset model: one definition file parsed, checked and compiled into a Dataset."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import fastjsonschema
+
+from schemas.keys import KEY_ID_RE, IngestKey
+
+DATASET_ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_KNOWN_FIELDS = {
+    "id", "title", "description", "schema", "item_key", "event_id", "entry_topic",
+    "max_request_bytes", "max_decompressed_bytes", "rate_limit", "ingest_keys",
+    "nested", "unknown_fields",
+}
+
+
+class DatasetError(ValueError):
+    """A dataset definition that cannot be used; the message names the field and the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Defaults a definition may override (from the process settings)."""
+
+    max_request_bytes: int = 1024 * 1024
+    max_decompressed_bytes: int = 8 * 1024 * 1024
+    requests_per_second: float = 0.0  # 0 = no rate limit
+    burst: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    requests_per_second: float
+    burst: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.requests_per_second > 0
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Dataset:
+    id: str
+    title: str
+    description: str
+    schema: dict[str, Any]
+    item_key: str | None
+    event_id: str | None
+    entry_topic: str
+    max_request_bytes: int
+    max_decompressed_bytes: int
+    rate_limit: RateLimit
+    ingest_keys: tuple[IngestKey, ...]
+    nested: str  # "columns" or "json": how workers store nested objects
+    unknown_fields: str  # "keep" or "drop"
+    validate_item: Any = field(repr=False)  # compiled fastjsonschema validator, one item
+    validate_array: Any = field(repr=False)  # the same for a whole array, in one call
+
+    @property
+    def fields(self) -> list[dict[str, Any]]:
+        """Top-level fields with their JSON types, for catalogue listings."""
+        required = set(self.schema.get("required", ()))
+        return [
+            {"name": name, "type": prop.get("type", "any"), "required": name in required}
+            for name, prop in self.schema.get("properties", {}).items()
+        ]
+
+
+def parse_dataset(raw: Any, limits: Limits) -> Dataset:
+    """Build a Dataset from a parsed definition file, compiling its validators."""
+    if not isinstance(raw, dict):
+        raise DatasetError("a dataset definition must be a mapping")
+    unknown = set(raw) - _KNOWN_FIELDS
+    if unknown:
+        raise DatasetError(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(_KNOWN_FIELDS)}")
+    dataset_id = raw.get("id")
+    if not isinstance(dataset_id, str) or not DATASET_ID_RE.match(dataset_id):
+        raise DatasetError(f"id: {dataset_id!r} must match {DATASET_ID_RE.pattern}")
+    schema = raw.get("schema")
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise DatasetError("schema: must be a JSON Schema whose type is 'object'")
+    item_key = _optional_field(raw, "item_key", schema)
+    event_id = _optional_field(raw, "event_id", schema)
+    checked = _with_required(schema, [f for f in (item_key, event_id) if f])
+    try:
+        validate_item = fastjsonschema.compile(checked, use_default=False)
+        validate_array = fastjsonschema.compile(_array_of(checked), use_default=False)
+    except fastjsonschema.JsonSchemaDefinitionException as exc:
+        raise DatasetError(f"schema: {exc}") from exc
+    return Dataset(
+        id=dataset_id,
+        title=_string(raw, "title", dataset_id),
+        description=str(raw.get("description") or ""),
+        schema=schema,
+        item_key=item_key,
+        event_id=event_id,
+        entry_topic=_string(raw, "entry_topic", f"ingest.{dataset_id}"),
+        max_request_bytes=_positive_int(raw, "max_request_bytes", limits.max_request_bytes),
+        max_decompressed_bytes=_positive_int(
+            raw, "max_decompressed_bytes", limits.max_decompressed_bytes
+        ),
+        rate_limit=_rate_limit(raw.get("rate_limit"), limits),
+        ingest_keys=_ingest_keys(raw.get("ingest_keys", [])),
+        nested=_choice(raw, "nested", ("columns", "json")),
+        unknown_fields=_choice(raw, "unknown_fields", ("keep", "drop")),
+        validate_item=validate_item,
+        validate_array=validate_array,
+    )
+
+
+def _optional_field(raw: dict, name: str, schema: dict) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in schema.get("properties", {}):
+        raise DatasetError(f"{name}: {value!r} must name a property of the schema")
+    return value
+
+
+def _with_required(schema: dict, fields: list[str]) -> dict:
+    """The schema with the identifying fields made mandatory: an item without them is unusable."""
+    required = list(schema.get("required", []))
+    missing = [f for f in fields if f not in required]
+    return {**schema, "required": required + missing} if missing else schema
+
+
+def _array_of(schema: dict) -> dict:
+    """Wrap an item schema as an array schema, keeping local $ref targets at the root."""
+    item = {k: v for k, v in schema.items() if k not in ("definitions", "$defs", "$schema")}
+    wrapper: dict[str, Any] = {"type": "array", "items": item}
+    for defs in ("definitions", "$defs"):
+        if defs in schema:
+            wrapper[defs] = schema[defs]
+    return wrapper
+
+
+def _string(raw: dict, name: str, default: str) -> str:
+    value = raw.get(name, default)
+    if not isinstance(value, str) or not value:
+        raise DatasetError(f"{name}: must be a non-empty string")
+    return value
+
+
+def _positive_int(raw: dict, name: str, default: int) -> int:
+    value = raw.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise DatasetError(f"{name}: {value!r} must be a positive integer")
+    return value
+
+
+def _choice(raw: dict, name: str, allowed: tuple[str, ...]) -> str:
+    value = raw.get(name, allowed[0])
+    if value not in allowed:
+        raise DatasetError(f"{name}: {value!r} must be one of {list(allowed)}")
+    return value
+
+
+def _rate_limit(raw: Any, limits: Limits) -> RateLimit:
+    if raw is None:
+        return RateLimit(limits.requests_per_second, limits.burst)
+    if not isinstance(raw, dict) or set(raw) - {"requests_per_second", "burst"}:
+        raise DatasetError("rate_limit: must be a mapping of requests_per_second and burst")
+    rps = raw.get("requests_per_second", limits.requests_per_second)
+    if not isinstance(rps, int | float) or isinstance(rps, bool) or rps < 0:
+        raise DatasetError(f"rate_limit.requests_per_second: {rps!r} must be a number >= 0")
+    burst = raw.get("burst", max(1, int(rps)))
+    if not isinstance(burst, int) or isinstance(burst, bool) or burst < 1:
+        raise DatasetError(f"rate_limit.burst: {burst!r} must be an integer >= 1")
+    return RateLimit(float(rps), burst)
+
+
+def _ingest_keys(raw: Any) -> tuple[IngestKey, ...]:
+    if not isinstance(raw, list):
+        raise DatasetError("ingest_keys: must be a list of {id, sha256}")
+    keys = []
+    for i, entry in enumerate(raw):
+        key_id = entry.get("id") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
+            raise DatasetError(f"ingest_keys[{i}].id: {key_id!r} must match {KEY_ID_RE.pattern}")
+        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+            raise DatasetError(f"ingest_keys[{i}].sha256: must be 64 lowercase hex digits")
+        keys.append(IngestKey(key_id, digest))
+    return tuple(keys)

@@ -1,0 +1,52 @@
+"""Ingest keys: the key format, creating keys, hashing, and constant-time checks.
+
+A key reads ``sk_<key_id>_<secret>``. The key id is public (it names the connector in logs
+and statistics); only the SHA-256 of the whole key is ever stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+KEY_PREFIX = "sk_"
+KEY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_SECRET_BYTES = 24
+
+
+@dataclass(frozen=True, slots=True)
+class IngestKey:
+    """A stored key: its public id and the SHA-256 hex digest of the full key."""
+
+    key_id: str
+    sha256: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key(key_id: str) -> str:
+    """Return a fresh key for ``key_id``; shown once, never stored in plain text."""
+    if not KEY_ID_RE.match(key_id):
+        raise ValueError(f"key id {key_id!r} must match {KEY_ID_RE.pattern}")
+    return f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(_SECRET_BYTES)}"
+
+
+def key_id_of(key: str) -> str | None:
+    """The key id embedded in a presented key, or None if it is not shaped like one."""
+    if not key.startswith(KEY_PREFIX):
+        return None
+    # Key ids never contain "_", so the first one ends the id (the secret may hold more).
+    key_id, sep, secret = key[len(KEY_PREFIX) :].partition("_")
+    if not sep or not secret or not KEY_ID_RE.match(key_id):
+        return None
+    return key_id
+
+
+def matches(presented: str, stored_sha256: str) -> bool:
+    """Constant-time comparison of a presented key against a stored digest."""
+    return hmac.compare_digest(hash_key(presented), stored_sha256)

@@ -1,0 +1,36 @@
+"""Settings from the environment: defaults and a clear message for each bad value."""
+
+import pytest
+
+from gateway.config import VARIABLES, ConfigError, Settings, markdown_table
+
+
+def test_defaults():
+    settings = Settings.from_env({})
+    assert settings.port == 8080
+    assert settings.kafka_idempotence is True
+    assert settings.idempotency_ttl_s == 86400
+
+
+@pytest.mark.parametrize("name, value", [
+    ("SLUICE_PORT", "70000"),
+    ("SLUICE_PROCESSES", "zero"),
+    ("REDIS_URL", "http://x"),
+    ("KAFKA_BOOTSTRAP_SERVERS", "nohost"),
+    ("KAFKA_ENABLE_IDEMPOTENCE", "maybe"),
+    ("KAFKA_COMPRESSION", "brotli"),
+    ("SLUICE_ADMIN_KEYS", "ops:short"),
+])
+def test_bad_values_name_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_lock_must_outlive_publish_timeout():
+    with pytest.raises(ConfigError, match="LOCK_TTL"):
+        Settings.from_env({"SLUICE_IDEMPOTENCY_LOCK_TTL_S": "5", "KAFKA_PUBLISH_TIMEOUT_S": "10"})
+
+
+def test_table_lists_every_variable():
+    table = markdown_table()
+    assert all(f"`{name}`" in table for name in VARIABLES)
