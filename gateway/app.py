@@ -17,7 +17,7 @@ from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound, 
 from gateway.ingest import Ingestor
 from gateway.publisher import Publisher
 from gateway.routes import datasets, events, health
-from gateway.state import STATE, State
+from gateway.state import REQUEST_ID, STATE, State
 from schemas.catalogue import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def _from_http(exc: web.HTTPException) -> ApiError:
 @web.middleware
 async def problems(request: web.Request, handler) -> web.StreamResponse:
     rid = request_id(request)
-    request["request_id"] = rid
+    request[REQUEST_ID] = rid
     try:
         response = await handler(request)
     except ApiError as exc:

@@ -159,12 +159,6 @@ class RedisUnavailable(ApiError):
     title = "Idempotency and rate-limit state is unreachable; retry later"
 
 
-class ShuttingDown(ApiError):
-    status = 503
-    code = "SHUTTING_DOWN"
-    title = "This gateway process is shutting down; retry"
-
-
 class InternalError(ApiError):
     status = 500
     code = "INTERNAL_ERROR"

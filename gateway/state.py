@@ -23,3 +23,4 @@ class State:
 
 
 STATE = web.AppKey("state", State)
+REQUEST_ID = web.RequestKey("request_id", str)  # set by the error middleware on every request

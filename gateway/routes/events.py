@@ -11,7 +11,7 @@ from gateway.auth import authenticate, authorize
 from gateway.errors import InvalidHeader
 from gateway.ingest import IngestRequest
 from gateway.payload import check_declared_length, check_encoding, media_type, read_limited
-from gateway.state import STATE
+from gateway.state import REQUEST_ID, STATE
 
 # Printable ASCII without spaces, as the IETF Idempotency-Key draft and Stripe allow.
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -55,7 +55,7 @@ async def post_events(request: web.Request) -> web.Response:
         mime=mime,
         partial=request.query.get("partial", "").lower() in _TRUE,
         idempotency_key=token,
-        request_id=request["request_id"],
+        request_id=request[REQUEST_ID],
         received_at_ms=received_at_ms,
     ))
     response = web.Response(status=answer.status, body=answer.body,

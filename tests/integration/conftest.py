@@ -1,0 +1,113 @@
+"""A real gateway for integration tests: catalogue on disk, real Redis, real Tansu broker."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import SERVER_KWARGS, create_app
+from gateway.config import Settings
+from schemas.keys import hash_key, new_key
+from tests.services import consume_all, create_topics
+
+SALES_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "region": {"type": "string", "minLength": 1},
+        "revenue": {"type": "number", "minimum": 0},
+        "target": {"type": "number"},
+    },
+    "required": ["region", "revenue"],
+}
+
+
+@dataclass
+class Gateway:
+    """A running gateway plus what a test needs to check its effects."""
+
+    client: TestClient
+    bootstrap: str
+    redis_url: str
+    topic: str  # the sales dataset's entry topic, unique to this test
+    other_topic: str
+    key: str  # may write sales
+    other_key: str  # may write only the other dataset
+    settings: Settings
+    headers: dict[str, str] = field(default_factory=dict)
+
+    async def post(self, body: bytes | str, *, key: str | None = None, dataset: str = "sales",
+                   content_type: str = "application/json", query: str = "", **headers: str):
+        sent = {"Content-Type": content_type, **headers}
+        if key != "":
+            sent["Authorization"] = f"Bearer {key or self.key}"
+        data = body.encode() if isinstance(body, str) else body
+        return await self.client.post(f"/v1/datasets/{dataset}/events{query}", data=data,
+                                      headers=sent)
+
+    async def published(self, topic: str | None = None):
+        return await consume_all(self.bootstrap, topic or self.topic)
+
+
+def write_catalogue(directory: Path, suffix: str, key: str, other_key: str,
+                    rate_limit: dict | None) -> tuple[str, str]:
+    topic, other_topic = f"ingest.sales.{suffix}", f"ingest.other.{suffix}"
+    sales = {"id": "sales", "title": "Sales", "item_key": "region", "entry_topic": topic,
+             "max_request_bytes": 64 * 1024, "max_decompressed_bytes": 256 * 1024,
+             "schema": SALES_SCHEMA,
+             "ingest_keys": [{"id": "pos", "sha256": hash_key(key)}]}
+    if rate_limit:
+        sales["rate_limit"] = rate_limit
+    other = {"id": "other", "entry_topic": other_topic,
+             "schema": {"type": "object"},
+             "ingest_keys": [{"id": "crm", "sha256": hash_key(other_key)}]}
+    (directory / "sales.yaml").write_text(yaml.safe_dump(sales))
+    (directory / "other.yaml").write_text(yaml.safe_dump(other))
+    return topic, other_topic
+
+
+@pytest.fixture
+async def make_gateway(tmp_path, kafka, redis_url):
+    """Factory: start a gateway (optionally against another broker or Redis)."""
+    started: list[TestClient] = []
+
+    async def make(*, bootstrap: str | None = None, redis: str | None = None,
+                   rate_limit: dict | None = None, create: bool = True, **env: str) -> Gateway:
+        bootstrap = bootstrap or kafka.bootstrap
+        key, other_key = new_key("pos"), new_key("crm")
+        directory = tmp_path / f"catalogue-{len(started)}"
+        directory.mkdir()
+        topic, other_topic = write_catalogue(directory, uuid.uuid4().hex[:10], key, other_key,
+                                             rate_limit)
+        if create:
+            await create_topics(bootstrap, [topic, other_topic], partitions=2)
+        settings = Settings.from_env({
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "KAFKA_ENABLE_IDEMPOTENCE": "false",
+            "REDIS_URL": redis or redis_url,
+            "SLUICE_CATALOGUE_DIR": str(directory),
+            "KAFKA_PUBLISH_TIMEOUT_S": "3",
+            "SLUICE_IDEMPOTENCY_LOCK_TTL_S": "10",
+            "REDIS_TIMEOUT_S": "0.5",
+            **env,
+        })
+        server = TestServer(create_app(settings))
+        await server.start_server(**SERVER_KWARGS)  # as in production: no auto-decompression
+        client = TestClient(server)
+        await client.start_server()
+        started.append(client)
+        return Gateway(client, bootstrap, redis or redis_url, topic, other_topic, key,
+                       other_key, settings)
+
+    yield make
+    for client in started:
+        await client.close()
+
+
+@pytest.fixture
+async def gateway(make_gateway) -> Gateway:
+    return await make_gateway()
