@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     else:
         print(f"paste under ingest_keys: in {args.dataset}'s definition file:", file=sys.stderr)
         print(f"  - {{id: {key_id}, sha256: {digest}}}", file=sys.stderr)
-    print(f"ingest key (shown once, store it now):", file=sys.stderr)
+    print("ingest key (shown once, store it now):", file=sys.stderr)
     print(key)
     return 0
 
@@ -87,11 +88,10 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
             existing = set(await admin.list_topics())
             wanted = [d.entry_topic for d in catalogue if d.entry_topic not in existing]
             if wanted:
-                try:
+                # another gateway or auto-creation may create them meanwhile
+                with contextlib.suppress(TopicAlreadyExistsError):
                     await admin.create_topics([NewTopic(t, args.partitions, args.replication)
                                                for t in wanted])
-                except TopicAlreadyExistsError:
-                    pass  # created meanwhile by another gateway or by auto-creation
             for dataset in catalogue:
                 state = "created" if dataset.entry_topic in wanted else "exists"
                 print(f"{dataset.entry_topic}: {state}")

@@ -6,6 +6,7 @@ Plain synchronous helpers (no pytest here) plus a few async Kafka conveniences.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -136,7 +137,7 @@ class TansuBroker(_Process):
             try:
                 pool.submit(asyncio.run, metadata()).result()
                 return True
-            except Exception:  # noqa: BLE001 - any failure means "not yet"
+            except Exception:
                 return False
 
     @property
@@ -172,10 +173,8 @@ async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -
         existing = set(await admin.list_topics())
         wanted = [NewTopic(n, partitions, 1) for n in names if n not in existing]
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # auto-created meanwhile
                 await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass  # created by auto-creation in the meantime
     finally:
         await admin.close()
 

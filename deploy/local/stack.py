@@ -49,7 +49,7 @@ def wait_for(host: str, port: int, what: str, proc: subprocess.Popen, seconds: f
 
 def log_file(name: str):
     (VAR / "logs").mkdir(parents=True, exist_ok=True)
-    return open(VAR / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+    return open(VAR / "logs" / f"{name}.log", "ab")
 
 
 def ensure_redis(env: dict[str, str], started: list) -> None:

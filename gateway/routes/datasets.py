@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from schemas.sample import sample_request
 
 from gateway.auth import authenticate, authorize
 from gateway.state import STATE
 from schemas.dataset import Dataset
+from schemas.sample import sample_request
 
 
 def summary(dataset: Dataset) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def test_bad_definitions_name_the_field(raw, field):
 def test_bad_file_stops_loading_with_its_name(tmp_path):
     (tmp_path / "good.yaml").write_text("id: good\nschema: {type: object}\n")
     (tmp_path / "broken.yaml").write_text("id: broken\nschema: [\n")
-    with pytest.raises(CatalogueError, match="broken.yaml"):
+    with pytest.raises(CatalogueError, match=r"broken\.yaml"):
         load_catalogue(tmp_path, Limits())
 
 

@@ -1,0 +1,121 @@
+"""Broker and Redis trouble: 503 with Retry-After, keys released, nothing half-acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from schemas.redis_keys import idempotency_key
+from tests.integration.test_push import ITEMS, assert_problem, events
+from tests.services import create_topics
+
+pytestmark = pytest.mark.integration
+
+
+async def test_503_when_the_broker_is_down_releases_the_key(make_gateway, own_broker):
+    broker = own_broker()
+    gw = await make_gateway(bootstrap=broker.bootstrap, KAFKA_PUBLISH_TIMEOUT_S="2")
+    assert (await gw.post(orjson.dumps(ITEMS))).status == 202  # connected and warm
+    broker.stop()
+    resp = await gw.post(orjson.dumps(ITEMS[:1]), **{"Idempotency-Key": "retry-me"})
+    await assert_problem(resp, 503, "BROKER_UNAVAILABLE")
+    assert int(resp.headers["Retry-After"]) >= 1
+    redis = Redis.from_url(gw.redis_url)
+    assert await redis.exists(idempotency_key("sales", "pos", "retry-me")) == 0
+    await redis.aclose()
+    assert (await gw.client.get("/readyz")).status == 503
+
+    broker.start()  # an empty broker (memory storage) on the same port: the gateway recovers
+    await create_topics(broker.bootstrap, [gw.topic], partitions=2)
+    for _ in range(40):
+        retry = await gw.post(orjson.dumps(ITEMS[1:]), **{"Idempotency-Key": "after"})
+        if retry.status == 202:
+            break
+        await assert_problem(retry, 503, "BROKER_UNAVAILABLE")
+        await asyncio.sleep(0.25)
+    assert retry.status == 202
+
+
+async def test_503_when_the_broker_does_not_answer_and_the_retry_goes_through(
+        make_gateway, own_broker):
+    broker = own_broker()
+    gw = await make_gateway(bootstrap=broker.bootstrap, KAFKA_PUBLISH_TIMEOUT_S="1")
+    assert (await gw.post(orjson.dumps(ITEMS[1:]))).status == 202  # connected and warm
+    body = orjson.dumps(ITEMS[:1])
+    broker.pause()
+    try:
+        for _ in range(2):  # the key is released each time: 503 again, never 409
+            resp = await gw.post(body, **{"Idempotency-Key": "retry-me"})
+            await assert_problem(resp, 503, "BROKER_UNAVAILABLE")
+    finally:
+        broker.resume()
+    retry = await gw.post(body, **{"Idempotency-Key": "retry-me"})
+    assert retry.status == 202 and "Idempotent-Replayed" not in retry.headers
+    # A 503 means "not confirmed", not "not written": the broker may still append the refused
+    # attempts once it answers again. Every copy carries the Idempotency-Key, which is what
+    # lets workers store the request once; nothing else was published.
+    values = [orjson.loads(r.value) for r in await gw.published()]
+    assert values.count(ITEMS[1:]) == 1  # the warm-up request
+    copies = [r for r in await gw.published() if orjson.loads(r.value) == ITEMS[:1]]
+    assert 1 <= len(copies) <= 3 and len(copies) == len(values) - 1
+    assert all(dict(r.headers)["sluice-idempotency-key"] == b"retry-me" for r in copies)
+
+
+async def test_409_while_in_flight_then_exactly_one_publish(make_gateway, own_broker):
+    broker = own_broker()
+    gw = await make_gateway(bootstrap=broker.bootstrap, KAFKA_PUBLISH_TIMEOUT_S="8")
+    assert (await gw.post(orjson.dumps(ITEMS[1:]))).status == 202  # connected and warm
+    body = orjson.dumps(ITEMS[:1])
+    broker.pause()  # the first request's publish now waits for an answer
+    try:
+        first = asyncio.create_task(gw.post(body, **{"Idempotency-Key": "slow"}))
+        await asyncio.sleep(0.5)
+        assert not first.done()
+        duplicate = await gw.post(body, **{"Idempotency-Key": "slow"})
+        await assert_problem(duplicate, 409, "IDEMPOTENCY_KEY_IN_USE")
+        assert duplicate.headers["Retry-After"] == "1"
+        changed = await gw.post(orjson.dumps(ITEMS), **{"Idempotency-Key": "slow"})
+        await assert_problem(changed, 422, "IDEMPOTENCY_KEY_REUSED")
+    finally:
+        broker.resume()
+    resp = await first
+    assert resp.status == 202
+    replay = await gw.post(body, **{"Idempotency-Key": "slow"})
+    assert replay.status == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    assert events(await gw.published()) == ITEMS[1:] + ITEMS[:1]
+
+
+async def test_503_when_redis_is_down(make_gateway, own_redis):
+    server = own_redis()
+    gw = await make_gateway(redis=server.url)
+    assert (await gw.post(orjson.dumps(ITEMS))).status == 202
+    server.stop()
+    for headers in ({}, {"Idempotency-Key": "during-outage"}):
+        resp = await gw.post(orjson.dumps(ITEMS[:1]), **headers)
+        await assert_problem(resp, 503, "REDIS_UNAVAILABLE")
+        assert resp.headers["Retry-After"] == "1"
+    assert (await gw.client.get("/readyz")).status == 503
+    assert events(await gw.published()) == ITEMS  # nothing of the refused requests
+
+    server.start()
+    resp = await gw.post(orjson.dumps(ITEMS[:1]), **{"Idempotency-Key": "during-outage"})
+    assert resp.status == 202
+    assert events(await gw.published()) == ITEMS + ITEMS[:1]
+
+
+async def test_gateway_starts_while_kafka_is_down_and_connects_later(make_gateway, own_broker):
+    broker = own_broker()
+    broker.stop()
+    gw = await make_gateway(bootstrap=broker.bootstrap, create=False)
+    await assert_problem(await gw.post(orjson.dumps(ITEMS)), 503, "BROKER_UNAVAILABLE")
+    broker.start()
+    await create_topics(broker.bootstrap, [gw.topic, gw.other_topic], partitions=2)
+    for _ in range(60):
+        if (await gw.client.get("/readyz")).status == 200:
+            break
+        await asyncio.sleep(0.25)
+    assert (await gw.post(orjson.dumps(ITEMS))).status == 202
+    assert events(await gw.published()) == ITEMS

@@ -1,0 +1,97 @@
+"""The served gateway: several processes on one port, graceful shutdown with requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from schemas.keys import new_key
+from tests.integration.conftest import write_catalogue
+from tests.integration.test_push import ITEMS, events
+from tests.services import consume_all, create_topics, free_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def start_gateway(tmp_path, bootstrap: str, redis_url: str, processes: int):
+    key, other = new_key("pos"), new_key("crm")
+    topic, other_topic = write_catalogue(tmp_path, os.urandom(4).hex(), key, other, None)
+    await create_topics(bootstrap, [topic, other_topic], partitions=2)
+    port = free_port()
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
+           "REDIS_URL": redis_url, "SLUICE_CATALOGUE_DIR": str(tmp_path),
+           "SLUICE_PORT": str(port), "SLUICE_HOST": "127.0.0.1",
+           "SLUICE_PROCESSES": str(processes), "SLUICE_SHUTDOWN_TIMEOUT_S": "20"}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with session.get(base + "/readyz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass  # not listening yet
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "gateway did not become ready"
+            await asyncio.sleep(0.2)
+    return proc, base, key, topic
+
+
+def post(session, base, key, body, **headers):
+    return session.post(f"{base}/v1/datasets/sales/events", data=body, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers})
+
+
+async def test_two_processes_share_the_port(tmp_path, kafka, redis_url):
+    proc, base, key, topic = await start_gateway(tmp_path, kafka.bootstrap, redis_url, 2)
+    try:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) == 2
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            statuses = []
+            for _ in range(20):
+                async with post(s, base, key, orjson.dumps(ITEMS)) as resp:
+                    statuses.append(resp.status)
+        assert statuses == [202] * 20
+        assert len(await consume_all(kafka.bootstrap, topic)) == 20
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+async def test_sigterm_finishes_in_flight_requests(tmp_path, own_broker, redis_url):
+    broker = own_broker()
+    proc, base, key, topic = await start_gateway(tmp_path, broker.bootstrap, redis_url, 1)
+    async with aiohttp.ClientSession() as session:
+        async with post(session, base, key, orjson.dumps(ITEMS[1:])) as warm:
+            assert warm.status == 202
+        broker.pause()
+        try:
+            pending = asyncio.create_task(post(session, base, key, orjson.dumps(ITEMS[:1]),
+                                               **{"Idempotency-Key": "in-flight"})
+                                          .__aenter__())
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert proc.poll() is None  # still waiting for its request
+        finally:
+            broker.resume()
+        resp = await pending
+        assert resp.status == 202
+        resp.release()
+    assert proc.wait(30) == 0
+    assert events(await consume_all(broker.bootstrap, topic)) == ITEMS[1:] + ITEMS[:1]
