@@ -128,7 +128,12 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 30) -> None:
     raise SystemExit(f"the gateway did not become ready at {url}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # stop what we started on SIGTERM as on Ctrl-C
     VAR.mkdir(exist_ok=True)
     env = dict(os.environ)
     started: list[tuple[str, subprocess.Popen]] = []

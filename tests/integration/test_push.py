@@ -312,3 +312,16 @@ async def test_unknown_route_is_problem_json(gateway):
     await assert_problem(await gateway.client.get("/nope"), 404, "NOT_FOUND")
     await assert_problem(await gateway.client.get("/v1/datasets/sales/events"), 405,
                          "METHOD_NOT_ALLOWED")
+
+
+async def test_keys_never_appear_in_logs_or_answers(gateway, caplog):
+    caplog.set_level("DEBUG")
+    wrong = gateway.key[:-4] + "abcd"
+    answers = []
+    for key in (gateway.key, wrong):
+        resp = await gateway.post(b'[{"region": 1}]', key=key)
+        answers.append(await resp.text())
+    assert (await gateway.post(orjson.dumps(ITEMS))).status == 202
+    secrets = (gateway.key, wrong, gateway.key.rsplit("_", 1)[1])
+    for text in (caplog.text, *answers):
+        assert not any(s in text for s in secrets)
