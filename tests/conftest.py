@@ -41,30 +41,27 @@ def redis_url(redis_service) -> str:
     return redis_service.url
 
 
-@pytest.fixture
-def own_broker():
-    """Factory for a broker this test may stop, pause and restart."""
-    brokers: list[TansuBroker] = []
+def _own(kind):
+    """Factory fixture body: services of ``kind`` this test may stop, pause and restart."""
+    started = []
 
-    def make() -> TansuBroker:
-        broker = TansuBroker().start()
-        brokers.append(broker)
-        return broker
+    def make():
+        service = kind().start()
+        started.append(service)
+        return service
 
     yield make
-    for broker in brokers:
-        broker.close()
+    for service in started:
+        service.close()
+
+
+@pytest.fixture
+def own_broker():
+    """Factory for a Tansu broker of this test's own."""
+    yield from _own(TansuBroker)
 
 
 @pytest.fixture
 def own_redis():
-    servers: list[RedisServer] = []
-
-    def make() -> RedisServer:
-        server = RedisServer().start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.close()
+    """Factory for a redis-server of this test's own."""
+    yield from _own(RedisServer)
