@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 import redis
 
-from tests.services import RedisServer, TansuBroker
+from tests.services import POSTGRES_URL, RedisServer, TansuBroker, ensure_postgres
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +66,33 @@ def own_broker():
 def own_redis():
     """Factory for a redis-server of this test's own."""
     yield from _own(RedisServer)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """A PostgreSQL server URL (the machine's, started if needed) with admin rights."""
+    url = os.environ.get("SLUICE_TEST_POSTGRES_URL", POSTGRES_URL)
+    ensure_postgres(url)
+    return url
+
+
+@pytest.fixture
+async def postgres_url(postgres_server):
+    """A new, empty database for this test, dropped afterwards."""
+    import asyncpg
+
+    name = f"sluice_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_server)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = postgres_server.rpartition("/")
+    yield f"{base}/{name}"
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    """Each storage backend in turn: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/sluice.db"
+    return request.getfixturevalue("postgres_url")

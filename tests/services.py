@@ -210,3 +210,34 @@ async def produce(bootstrap: str, topic: str, value: bytes, headers=None) -> Non
         await producer.send_and_wait(topic, value, headers=headers or [])
     finally:
         await producer.stop()
+
+
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def ensure_postgres(url: str) -> None:
+    """Start the machine's PostgreSQL cluster (Debian's pg_ctlcluster) if nothing answers."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if _listening_on(parsed.hostname or "127.0.0.1", parsed.port or 5432):
+        return
+    versions = sorted(Path("/etc/postgresql").glob("*")) if Path("/etc/postgresql").exists() else []
+    if not versions or shutil.which("pg_ctlcluster") is None:
+        raise RuntimeError(f"no PostgreSQL answers at {url} and none is installed "
+                           "(Debian package postgresql), or set SLUICE_TEST_POSTGRES_URL")
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1].name, "main",
+                    "start"], check=True)
+    deadline = time.monotonic() + 20
+    while not _listening_on(parsed.hostname or "127.0.0.1", parsed.port or 5432):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"PostgreSQL did not start at {url}")
+        time.sleep(0.2)
+
+
+def _listening_on(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False

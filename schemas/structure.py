@@ -1,0 +1,259 @@
+"""Entity structure: a dataset's schema as typed columns, and items coerced into rows.
+
+Shared by the workers (which shape rows) and anything that describes a dataset's table. Pure
+computation, no I/O. Coercion is lenient where the meaning is unambiguous (``"12"`` for an
+integer, ``"true"`` for a boolean, an ISO string or epoch for a date-time) and refuses the rest
+with a ShapeError naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+from schemas.dataset import Dataset, DatasetError
+
+KINDS = ("text", "integer", "number", "boolean", "timestamp", "date", "json")
+EXTRA_COLUMN = "_extra"  # unknown fields, when the dataset keeps them
+_MAX_IDENTIFIER = 63  # PostgreSQL's limit, the stricter of the two stores
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_MISSING = object()
+
+
+class ShapeError(ValueError):
+    """An item that cannot become a row: ``path`` says which field."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    path: tuple[str, ...]
+    kind: str
+    required: bool
+    default: Any = _MISSING
+
+
+@dataclass(frozen=True, slots=True)
+class MetaColumn:
+    name: str
+    kind: str
+
+
+# Metadata columns of every dataset table, in table order.
+META_COLUMNS = (
+    MetaColumn("_request_id", "text"),
+    MetaColumn("_connector", "text"),
+    MetaColumn("_received_at", "timestamp"),
+    MetaColumn("_session_id", "text"),
+    MetaColumn("_sync_id", "text"),
+    MetaColumn("_idempotency_key", "text"),
+    MetaColumn("_part", "integer"),
+    MetaColumn("_topic", "text"),
+    MetaColumn("_partition", "integer"),
+    MetaColumn("_offset", "integer"),
+    MetaColumn("_index", "integer"),
+)
+
+
+class Structure:
+    """The table plan of one dataset and the function from an item to a row."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.keep_unknown = dataset.unknown_fields == "keep"
+        self.columns = _plan(dataset.schema, (), dataset.nested == "json", required=True)
+        names = [c.name for c in self.columns]
+        if len(set(names)) != len(names):
+            raise DatasetError(f"dataset {dataset.id}: two fields map to the same column")
+        self._known_top = set(dataset.schema.get("properties", {}))
+        self._coerce = [(c.name, c.path, _COERCE[c.kind], c.required, c.default)
+                        for c in self.columns]
+        self.key_column = _column_of(dataset.item_key)
+        self.event_column = _column_of(dataset.event_id)
+
+    @property
+    def data_columns(self) -> list[tuple[str, str]]:
+        """(name, kind) of every column that comes from the item, in table order."""
+        out = [(c.name, c.kind) for c in self.columns]
+        if self.keep_unknown:
+            out.append((EXTRA_COLUMN, "json"))
+        return out
+
+    def shape(self, item: Any) -> dict[str, Any]:
+        """The row for one item; raises ShapeError."""
+        if not isinstance(item, dict):
+            raise ShapeError("$", f"an item must be a JSON object, not {type(item).__name__}")
+        row: dict[str, Any] = {}
+        for name, path, coerce, required, default in self._coerce:
+            value = _get(item, path)
+            if value is _MISSING or value is None:
+                if default is not _MISSING:
+                    value = default
+                elif required:
+                    raise ShapeError(_dotted(path), "is required")
+                else:
+                    row[name] = None
+                    continue
+            try:
+                row[name] = coerce(value)
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise ShapeError(_dotted(path), str(exc)) from None
+        if self.keep_unknown:
+            extra = {k: v for k, v in item.items() if k not in self._known_top}
+            row[EXTRA_COLUMN] = extra or None
+        return row
+
+
+def _column_of(field: str | None) -> str | None:
+    return field  # identifying fields are top-level properties: their column keeps the name
+
+
+def _plan(schema: dict, prefix: tuple[str, ...], nested_json: bool, required: bool) -> list:
+    columns: list[Column] = []
+    mandatory = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        path = (*prefix, name)
+        is_required = required and name in mandatory
+        kind = kind_of(prop)
+        if kind == "object" and not nested_json and prop.get("properties"):
+            columns += _plan(prop, path, nested_json, is_required)
+            continue
+        column = "__".join(path)
+        if len(column.encode()) > _MAX_IDENTIFIER:
+            raise DatasetError(f"field {'.'.join(path)!r} makes a column name longer than "
+                               f"{_MAX_IDENTIFIER} bytes")
+        default = prop.get("default", _MISSING)
+        columns.append(Column(column, path, "json" if kind == "object" else kind,
+                              is_required, default))
+    return columns
+
+
+def kind_of(prop: dict) -> str:
+    """The column kind of a property schema."""
+    kinds = prop.get("type")
+    if isinstance(kinds, list):
+        real = [k for k in kinds if k != "null"]
+        kinds = real[0] if len(real) == 1 else None
+    if kinds == "string":
+        return {"date-time": "timestamp", "date": "date"}.get(prop.get("format"), "text")
+    if kinds in ("integer", "number", "boolean", "object"):
+        return kinds
+    if kinds is None and "enum" in prop and all(isinstance(v, str) for v in prop["enum"]):
+        return "text"
+    if kinds is None and "properties" in prop:
+        return "object"
+    return "json"
+
+
+def _get(item: dict, path: tuple[str, ...]) -> Any:
+    value: Any = item
+    for part in path:
+        if not isinstance(value, dict):
+            return _MISSING
+        value = value.get(part, _MISSING)
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    return "$." + ".".join(path)
+
+
+def to_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value) if isinstance(value, float) else str(value)
+    raise TypeError(f"expected a string, got {type(value).__name__}")
+
+
+def to_integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("expected an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _INT_RE.match(value.strip()):
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def to_number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError("expected a number, got a boolean")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        number = float(value.strip())
+    else:
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
+_TRUE = frozenset({"true", "1", "yes", "on", "t", "y"})
+_FALSE = frozenset({"false", "0", "no", "off", "f", "n"})
+
+
+def to_boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+def to_timestamp(value: Any) -> datetime:
+    """ISO 8601 text (naive means UTC) or epoch seconds/milliseconds, as an aware UTC time."""
+    if isinstance(value, bool):
+        raise TypeError("expected a date-time, got a boolean")
+    if isinstance(value, int | float):
+        seconds = value / 1000 if abs(value) >= 100_000_000_000 else value
+        return datetime.fromtimestamp(seconds, UTC)
+    if isinstance(value, str):
+        parsed = datetime.fromisoformat(value.strip())
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    raise TypeError(f"expected a date-time, got {type(value).__name__}")
+
+
+def to_date(value: Any) -> date:
+    if isinstance(value, str) and len(value.strip()) == 10:
+        return date.fromisoformat(value.strip())
+    return to_timestamp(value).date()
+
+
+def to_json(value: Any) -> Any:
+    return value
+
+
+_COERCE: dict[str, Callable[[Any], Any]] = {
+    "text": to_text,
+    "integer": to_integer,
+    "number": to_number,
+    "boolean": to_boolean,
+    "timestamp": to_timestamp,
+    "date": to_date,
+    "json": to_json,
+}

@@ -1,0 +1,1 @@
+"""Sluice workers: consume the entry topics, shape events into rows, store them."""

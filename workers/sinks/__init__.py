@@ -1,0 +1,20 @@
+"""Storage sinks: where rows are written. Chosen by STORAGE_URL."""
+
+from __future__ import annotations
+
+from workers.sinks.base import Sink, StorageSchemaError, WriteResult
+
+
+def open_sink(url: str) -> Sink:
+    if url.startswith("sqlite:"):
+        from workers.sinks.sqlite import SqliteSink
+
+        return SqliteSink(url)
+    if url.startswith(("postgresql:", "postgres:")):
+        from workers.sinks.postgres import PostgresSink
+
+        return PostgresSink(url)
+    raise ValueError(f"STORAGE_URL {url!r}: use sqlite:///path or postgresql://...")
+
+
+__all__ = ["Sink", "StorageSchemaError", "WriteResult", "open_sink"]
