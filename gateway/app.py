@@ -11,12 +11,13 @@ import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.accounting import Accountant
 from gateway.admission import Admitter
 from gateway.config import Settings
 from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.ingest import Ingestor
 from gateway.publisher import Publisher
-from gateway.routes import datasets, events, health
+from gateway.routes import datasets, events, health, stats
 from gateway.state import REQUEST_ID, STATE, State
 from schemas.catalogue import Catalogue, load_catalogue
 
@@ -88,8 +89,12 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
         await publisher.start()
         admitter = Admitter(redis, settings.idempotency_lock_ttl_s, settings.idempotency_ttl_s)
         ingestor = Ingestor(admitter, publisher, settings.max_reported_errors)
-        app[STATE] = State(settings, catalogue, redis, publisher, ingestor)
+        accountant = Accountant(redis, log_max_entries=settings.log_max_entries,
+                                log_max_age_s=settings.log_max_age_s)
+        accountant.start()
+        app[STATE] = State(settings, catalogue, redis, publisher, ingestor, accountant)
         yield
+        await accountant.stop()
         await publisher.stop()
         await redis.aclose()
 
@@ -97,4 +102,5 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
     events.setup(app)
     datasets.setup(app)
     health.setup(app)
+    stats.setup(app)
     return app

@@ -125,6 +125,10 @@ VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                                  "how long an Idempotency-Key replays its first answer"),
     "SLUICE_IDEMPOTENCY_LOCK_TTL_S": ("idempotency_lock_ttl_s", "60", _int(1),
                                       "how long an in-flight key blocks duplicates if its process dies"),
+    "SLUICE_LOG_MAX_ENTRIES": ("log_max_entries", "10000", _int(1),
+                               "request-log entries kept per connector"),
+    "SLUICE_LOG_MAX_AGE_S": ("log_max_age_s", "604800", _int(60),
+                             "age after which request-log entries are dropped"),
     "SLUICE_SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", "30", _float(0),
                                   "grace period for in-flight requests on SIGTERM"),
     "SLUICE_LOG_LEVEL": ("log_level", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -155,6 +159,8 @@ class Settings:
     max_reported_errors: int
     idempotency_ttl_s: int
     idempotency_lock_ttl_s: int
+    log_max_entries: int
+    log_max_age_s: int
     shutdown_timeout_s: float
     log_level: str
 

@@ -50,6 +50,7 @@ class Answer:
     replayed: bool = False
     accepted: int = 0  # items published by this request (0 for a replay)
     rejected: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)  # of the rejected items
 
 
 class Ingestor:
@@ -91,7 +92,7 @@ class Ingestor:
             raise ValidationFailed(
                 f"{verdict.invalid} of {len(items)} items do not match the schema of "
                 f"dataset {req.dataset.id!r}; nothing was accepted",
-                errors=errors, invalid_items=verdict.invalid,
+                errors=errors, invalid_items=verdict.invalid, items_received=len(items),
                 errors_truncated=verdict.invalid > len(errors))
         meta = RecordMeta(req.request_id, req.principal.key_id, req.received_at_ms,
                           req.idempotency_key, req.session_id, req.sync_id)
@@ -107,7 +108,7 @@ class Ingestor:
             result["rejected"] = errors
             result["rejected_truncated"] = verdict.invalid > len(errors)
         return Answer(202, orjson.dumps(result), headers, accepted=len(verdict.valid),
-                      rejected=verdict.invalid)
+                      rejected=verdict.invalid, errors=errors)
 
 
 def _fingerprint(req: IngestRequest, body: bytes) -> str:

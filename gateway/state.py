@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.accounting import Accountant
 from gateway.config import Settings
 from gateway.ingest import Ingestor
 from gateway.publisher import Publisher
@@ -20,6 +21,7 @@ class State:
     redis: Redis
     publisher: Publisher
     ingestor: Ingestor
+    accountant: Accountant
 
 
 STATE = web.AppKey("state", State)

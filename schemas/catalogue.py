@@ -72,6 +72,11 @@ class Catalogue:
             return None
         return Principal(key_id, entry[1], entry[2])
 
+    def datasets_of(self, key_id: str) -> frozenset[str] | None:
+        """Datasets a connector (key id) may write, or None for an unknown connector."""
+        entry = self._keys.get(key_id)
+        return None if entry is None else entry[1]
+
     @property
     def max_request_bytes(self) -> int:
         return max((d.max_request_bytes for d in self), default=1024 * 1024)

@@ -7,8 +7,9 @@ import time
 
 from aiohttp import web
 
+from gateway.accounting import RequestOutcome
 from gateway.auth import authenticate, authorize
-from gateway.errors import InvalidHeader
+from gateway.errors import ApiError, InvalidHeader, RateLimited
 from gateway.ingest import IngestRequest
 from gateway.payload import check_declared_length, check_encoding, media_type, read_limited
 from gateway.state import REQUEST_ID, STATE
@@ -38,6 +39,28 @@ async def post_events(request: web.Request) -> web.Response:
     state = request.app[STATE]
     principal = authenticate(state.catalogue, request.headers.get("Authorization"))
     dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
+    outcome = RequestOutcome(dataset.id, principal.key_id, request[REQUEST_ID], received_at_ms,
+                             202, bytes=request.content_length or 0)
+    try:
+        answer = await _ingest(request, state, principal, dataset, received_at_ms, outcome)
+    except ApiError as exc:
+        _failed(outcome, exc)
+        state.accountant.record(outcome)
+        raise
+    outcome.received = answer.accepted + answer.rejected
+    outcome.accepted, outcome.rejected = answer.accepted, answer.rejected
+    outcome.replayed = answer.replayed
+    outcome.errors = answer.errors
+    state.accountant.record(outcome)
+    response = web.Response(status=answer.status, body=answer.body,
+                            content_type="application/json", headers=answer.headers)
+    if answer.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def _ingest(request: web.Request, state, principal, dataset, received_at_ms: int,
+                  outcome: RequestOutcome):
     item_key = request.headers.get("X-Item-Key")
     if item_key is not None and item_key != dataset.item_key:
         raise InvalidHeader(f"X-Item-Key {item_key!r} does not match dataset "
@@ -47,7 +70,8 @@ async def post_events(request: web.Request) -> web.Response:
     check_declared_length(request.content_length, dataset.max_request_bytes)
     token = idempotency_key(request)
     body = await read_limited(request.content, dataset.max_request_bytes)
-    answer = await state.ingestor.ingest(IngestRequest(
+    outcome.bytes = len(body)
+    return await state.ingestor.ingest(IngestRequest(
         dataset=dataset,
         principal=principal,
         body=body,
@@ -58,11 +82,16 @@ async def post_events(request: web.Request) -> web.Response:
         request_id=request[REQUEST_ID],
         received_at_ms=received_at_ms,
     ))
-    response = web.Response(status=answer.status, body=answer.body,
-                            content_type="application/json", headers=answer.headers)
-    if answer.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+
+
+def _failed(outcome: RequestOutcome, exc: ApiError) -> None:
+    outcome.http_status = exc.status
+    outcome.code = exc.code
+    outcome.rate_limited = isinstance(exc, RateLimited)
+    items = exc.extra.get("items_received")
+    if items is not None:
+        outcome.received = outcome.rejected = items
+    outcome.errors = exc.extra.get("errors") or [{"code": exc.code, "message": exc.detail}]
 
 
 def setup(app: web.Application) -> None:

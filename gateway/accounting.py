@@ -1,0 +1,150 @@
+"""Request logs and statistics from the gateway, batched off the hot path.
+
+Handlers call ``record`` (a list append); a background task flushes every ``interval``
+seconds in one Redis pipeline. If Redis is away the outcomes wait, up to ``max_pending``;
+beyond that the oldest are dropped and counted, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from schemas import outcomes as o
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RequestOutcome:
+    dataset: str
+    connector: str
+    request_id: str
+    received_at_ms: int
+    http_status: int
+    code: str | None = None
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    bytes: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    replayed: bool = False
+    rate_limited: bool = False
+
+
+class Accountant:
+    def __init__(self, redis: Redis, interval: float = 0.2, max_pending: int = 50_000,
+                 log_max_entries: int = o.LOG_MAX_ENTRIES, log_max_age_s: int = o.LOG_MAX_AGE_S):
+        self._redis = redis
+        self._script = redis.register_script(o.ACCOUNT_SCRIPT)
+        self._interval = interval
+        self._max_pending = max_pending
+        self._log_max = log_max_entries
+        self._log_age_ms = log_max_age_s * 1000
+        self._pending: list[RequestOutcome] = []
+        self._task: asyncio.Task | None = None
+        self.dropped = 0
+
+    def record(self, outcome: RequestOutcome) -> None:
+        if len(self._pending) >= self._max_pending:
+            self._pending.pop(0)
+            self.dropped += 1
+        self._pending.append(outcome)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            await self._write(batch)
+        except RedisError as exc:
+            log.warning("could not write %d request outcomes to Redis (%s); retrying",
+                        len(batch), type(exc).__name__)
+            self._pending[:0] = batch[-self._max_pending:]
+
+    async def _write(self, batch: list[RequestOutcome]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for (dataset, connector), (counts, first, last) in _aggregate(batch).items():
+            args: list[Any] = [first, last]
+            for name, value in counts.items():
+                args += [name, value]
+            await self._script(keys=[o.stats_key(dataset), o.stats_key(dataset, connector)],
+                               args=args, client=pipe)
+            pipe.sadd(o.connectors_key(dataset), connector)
+        now = int(time.time() * 1000)
+        connectors = set()
+        for outcome in batch:
+            if outcome.replayed:
+                continue
+            key = o.request_key(outcome.request_id)
+            pipe.hset(key, mapping=_log_fields(outcome))
+            pipe.pexpire(key, self._log_age_ms)
+            pipe.zadd(o.connector_log_key(outcome.connector),
+                      {outcome.request_id: outcome.received_at_ms})
+            connectors.add(outcome.connector)
+        for connector in connectors:
+            log_key = o.connector_log_key(connector)
+            pipe.zremrangebyrank(log_key, 0, -(self._log_max + 1))
+            pipe.zremrangebyscore(log_key, "-inf", now - self._log_age_ms)
+        await pipe.execute()
+
+
+def _aggregate(batch: list[RequestOutcome]) -> dict:
+    totals: dict[tuple[str, str], list] = {}
+    for out in batch:
+        entry = totals.get((out.dataset, out.connector))
+        if entry is None:
+            entry = totals[(out.dataset, out.connector)] = [defaultdict(int), "", ""]
+        counts = entry[0]
+        counts[o.REQUESTS] += 1
+        counts[o.RECEIVED] += out.received
+        counts[o.ACCEPTED] += out.accepted
+        counts[o.REJECTED] += out.rejected
+        counts[o.BYTES] += out.bytes
+        counts[o.REPLAYED] += int(out.replayed)
+        counts[o.RATE_LIMITED] += int(out.rate_limited)
+        if out.accepted:
+            ts = out.received_at_ms
+            entry[1] = ts if entry[1] == "" else min(entry[1], ts)
+            entry[2] = ts if entry[2] == "" else max(entry[2], ts)
+    return {k: ({n: v for n, v in c.items() if v}, f, la) for k, (c, f, la) in totals.items()}
+
+
+def _log_fields(out: RequestOutcome) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "request_id": out.request_id,
+        "dataset": out.dataset,
+        "connector": out.connector,
+        "received_at": out.received_at_ms,
+        "http_status": out.http_status,
+        o.RECEIVED: out.received,
+        o.ACCEPTED: out.accepted,
+        o.REJECTED: out.rejected,
+        o.BYTES: out.bytes,
+    }
+    if out.code:
+        fields["code"] = out.code
+    if out.errors:
+        fields["errors"] = orjson.dumps(out.errors[: o.MAX_LOGGED_ERRORS])
+    return fields

@@ -1,0 +1,103 @@
+"""Outcomes: the fate of every request and event, as both sides record it in Redis.
+
+The gateway records what it received, accepted, rejected, replayed and rate-limited; the
+workers record what they wrote, skipped as duplicates and dead-lettered. Counters only ever
+grow (HINCRBY), so the two sides never race; a request's processing status is derived from
+its counters when read. Key names and fields live here, nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from schemas.redis_keys import PREFIX
+
+# Statistics fields (hash per dataset and per dataset+connector).
+REQUESTS = "requests"  # HTTP requests that reached the dataset with a valid key
+RECEIVED = "received"  # events received (HTTP items, or events in Kafka-native records)
+ACCEPTED = "accepted"  # events published to the entry topic (or read from it, Kafka-native)
+REJECTED = "rejected"  # events refused by the gateway (validation, limits)
+REPLAYED = "replayed"  # requests answered from an Idempotency-Key without publishing
+RATE_LIMITED = "rate_limited"  # requests refused with 429
+BYTES = "bytes"  # request body bytes received (as sent, before gzip inflation)
+WRITTEN = "written"  # events that changed a table
+DUPLICATES = "duplicates"  # events skipped by storage: redelivered, repeated, or older
+FAILED = "failed"  # events dead-lettered by the workers
+FIRST_EVENT_AT = "first_event_at"  # epoch ms of the earliest receive time seen
+LAST_EVENT_AT = "last_event_at"  # epoch ms of the latest
+COUNTERS = (REQUESTS, RECEIVED, ACCEPTED, REJECTED, REPLAYED, RATE_LIMITED, BYTES, WRITTEN,
+            DUPLICATES, FAILED)
+
+KAFKA_CONNECTOR = "kafka"
+LOG_MAX_ENTRIES = 10_000  # per connector; older entries are trimmed
+LOG_MAX_AGE_S = 7 * 86_400
+MAX_LOGGED_ERRORS = 20  # per request
+
+
+def stats_key(dataset: str, connector: str | None = None) -> str:
+    if connector is None:
+        return f"{PREFIX}:stats:{dataset}"
+    return f"{PREFIX}:stats:{dataset}:c:{connector}"
+
+
+def connectors_key(dataset: str) -> str:
+    """Set of connectors that ever sent to ``dataset``."""
+    return f"{PREFIX}:connectors:{dataset}"
+
+
+def request_key(request_id: str) -> str:
+    """Hash of one request's log entry."""
+    return f"{PREFIX}:req:{request_id}"
+
+
+def request_errors_key(request_id: str) -> str:
+    """List of error entries the workers met for one request (capped)."""
+    return f"{PREFIX}:req:{request_id}:errors"
+
+
+def connector_log_key(connector: str) -> str:
+    """Sorted set of a connector's request ids, scored by receive time (epoch ms)."""
+    return f"{PREFIX}:log:{connector}"
+
+
+# Adds counters to every hash in KEYS and widens its first/last event times.
+# ARGV: first_ms ('' for none), last_ms ('' for none), then field, increment pairs.
+ACCOUNT_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  for i = 3, #ARGV, 2 do
+    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+  end
+  if ARGV[1] ~= '' then
+    local cur = tonumber(redis.call('HGET', key, 'first_event_at'))
+    if not cur or tonumber(ARGV[1]) < cur then
+      redis.call('HSET', key, 'first_event_at', ARGV[1])
+    end
+  end
+  if ARGV[2] ~= '' then
+    local cur = tonumber(redis.call('HGET', key, 'last_event_at'))
+    if not cur or tonumber(ARGV[2]) > cur then
+      redis.call('HSET', key, 'last_event_at', ARGV[2])
+    end
+  end
+end
+return 1
+"""
+
+
+def processing_status(entry: Mapping[str, Any]) -> str:
+    """received, processed, partially failed or failed, from a request's counters."""
+    http_status = int(entry.get("http_status", 202))
+    accepted = int(entry.get(ACCEPTED, 0))
+    rejected = int(entry.get(REJECTED, 0))
+    done = int(entry.get(WRITTEN, 0)) + int(entry.get(DUPLICATES, 0))
+    failed = int(entry.get(FAILED, 0))
+    if http_status >= 400 or (accepted == 0 and rejected > 0):
+        return "failed"
+    if done + failed < accepted:
+        return "received"
+    if failed == 0 and rejected == 0:
+        return "processed"
+    if done == 0:
+        return "failed"
+    return "partially failed"
