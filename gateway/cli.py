@@ -35,8 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)  # fail fast
-    serve(settings)
-    return 0
+    return serve(settings)
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:

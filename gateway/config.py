@@ -12,65 +12,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from schemas.dataset import Limits
+from schemas.envconfig import (
+    ConfigError,
+    boolean,
+    bootstrap_servers,
+    float_min,
+    int_range,
+    one_of,
+    parse_env,
+    redis_url,
+    table,
+)
 from schemas.keys import IngestKey
-
-
-class ConfigError(ValueError):
-    """A setting with a value that cannot be used."""
-
-
-def _int(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        value = int(raw)
-        if value < low or (high is not None and value > high):
-            raise ValueError(f"must be an integer between {low} and {high or 'any'}")
-        return value
-
-    return parse
-
-
-def _float(low: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        value = float(raw)
-        if value < low:
-            raise ValueError(f"must be a number >= {low}")
-        return value
-
-    return parse
-
-
-def _bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        if raw not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return raw
-
-    return parse
-
-
-def _redis_url(raw: str) -> str:
-    if urlparse(raw).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
-    return raw
-
-
-def _bootstrap(raw: str) -> str:
-    hosts = [h.strip() for h in raw.split(",") if h.strip()]
-    if not hosts or any(":" not in h for h in hosts):
-        raise ValueError("must be a comma-separated list of host:port")
-    return ",".join(hosts)
 
 
 def _admin_keys(raw: str) -> tuple[IngestKey, ...]:
@@ -86,52 +41,52 @@ def _admin_keys(raw: str) -> tuple[IngestKey, ...]:
 # name -> (field, default, parser, meaning). Order is the README's order.
 VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "SLUICE_HOST": ("host", "0.0.0.0", str, "address the gateway listens on"),
-    "SLUICE_PORT": ("port", "8080", _int(1, 65535), "TCP port of the gateway"),
-    "SLUICE_PROCESSES": ("processes", "1", _int(1, 256),
+    "SLUICE_PORT": ("port", "8080", int_range(1, 65535), "TCP port of the gateway"),
+    "SLUICE_PROCESSES": ("processes", "1", int_range(1, 256),
                          "gateway processes sharing the port (SO_REUSEPORT)"),
     "SLUICE_CATALOGUE_DIR": ("catalogue_dir", "schemas/examples", Path,
                              "directory of dataset definition files (*.yaml, *.json)"),
     "SLUICE_ADMIN_KEYS": ("admin_keys", "", _admin_keys,
                           "admin keys as <key id>:<sha256>, comma-separated (sluice keys create --admin)"),
-    "REDIS_URL": ("redis_url", "redis://127.0.0.1:6379/0", _redis_url,
+    "REDIS_URL": ("redis_url", "redis://127.0.0.1:6379/0", redis_url,
                   "Redis for idempotency keys and rate limits"),
-    "REDIS_TIMEOUT_S": ("redis_timeout_s", "1.0", _float(0.05),
+    "REDIS_TIMEOUT_S": ("redis_timeout_s", "1.0", float_min(0.05),
                         "Redis connect and command timeout; past it requests get 503"),
-    "KAFKA_BOOTSTRAP_SERVERS": ("kafka_bootstrap", "127.0.0.1:9092", _bootstrap,
+    "KAFKA_BOOTSTRAP_SERVERS": ("kafka_bootstrap", "127.0.0.1:9092", bootstrap_servers,
                                 "Kafka bootstrap servers, host:port[,host:port]"),
-    "KAFKA_ENABLE_IDEMPOTENCE": ("kafka_idempotence", "true", _bool,
+    "KAFKA_ENABLE_IDEMPOTENCE": ("kafka_idempotence", "true", boolean,
                                  "idempotent producer; set false for the Tansu broker"),
-    "KAFKA_LINGER_MS": ("kafka_linger_ms", "2", _int(0, 10_000),
+    "KAFKA_LINGER_MS": ("kafka_linger_ms", "2", int_range(0, 10_000),
                         "producer linger: how long a batch waits for more records"),
-    "KAFKA_MAX_BATCH_BYTES": ("kafka_max_batch_bytes", "1048576", _int(1024),
+    "KAFKA_MAX_BATCH_BYTES": ("kafka_max_batch_bytes", "1048576", int_range(1024),
                               "producer batch size per partition"),
-    "KAFKA_MAX_RECORD_BYTES": ("kafka_max_record_bytes", "1000000", _int(1024),
+    "KAFKA_MAX_RECORD_BYTES": ("kafka_max_record_bytes", "1000000", int_range(1024),
                                "largest record value; bigger requests are split at item boundaries"),
-    "KAFKA_COMPRESSION": ("kafka_compression", "none", _choice("none", "gzip", "snappy", "lz4", "zstd"),
+    "KAFKA_COMPRESSION": ("kafka_compression", "none", one_of("none", "gzip", "snappy", "lz4", "zstd"),
                           "producer compression codec"),
-    "KAFKA_PUBLISH_TIMEOUT_S": ("kafka_publish_timeout_s", "10", _float(0.1),
+    "KAFKA_PUBLISH_TIMEOUT_S": ("kafka_publish_timeout_s", "10", float_min(0.1),
                                 "time for acks=all on every record of a request before 503"),
-    "SLUICE_MAX_REQUEST_BYTES": ("max_request_bytes", "1048576", _int(1),
+    "SLUICE_MAX_REQUEST_BYTES": ("max_request_bytes", "1048576", int_range(1),
                                  "default request body limit (datasets may override)"),
-    "SLUICE_MAX_DECOMPRESSED_BYTES": ("max_decompressed_bytes", "8388608", _int(1),
+    "SLUICE_MAX_DECOMPRESSED_BYTES": ("max_decompressed_bytes", "8388608", int_range(1),
                                       "default limit on a gzip body once inflated"),
-    "SLUICE_RATE_LIMIT_RPS": ("rate_limit_rps", "0", _float(0),
+    "SLUICE_RATE_LIMIT_RPS": ("rate_limit_rps", "0", float_min(0),
                               "default requests/s per ingest key and dataset (0: unlimited)"),
-    "SLUICE_RATE_LIMIT_BURST": ("rate_limit_burst", "0", _int(0),
+    "SLUICE_RATE_LIMIT_BURST": ("rate_limit_burst", "0", int_range(0),
                                 "default token-bucket size (0: equal to the rate, at least 1)"),
-    "SLUICE_MAX_REPORTED_ERRORS": ("max_reported_errors", "100", _int(1, 10_000),
+    "SLUICE_MAX_REPORTED_ERRORS": ("max_reported_errors", "100", int_range(1, 10_000),
                                    "invalid items listed in one error answer"),
-    "SLUICE_IDEMPOTENCY_TTL_S": ("idempotency_ttl_s", "86400", _int(1),
+    "SLUICE_IDEMPOTENCY_TTL_S": ("idempotency_ttl_s", "86400", int_range(1),
                                  "how long an Idempotency-Key replays its first answer"),
-    "SLUICE_IDEMPOTENCY_LOCK_TTL_S": ("idempotency_lock_ttl_s", "60", _int(1),
+    "SLUICE_IDEMPOTENCY_LOCK_TTL_S": ("idempotency_lock_ttl_s", "60", int_range(1),
                                       "how long an in-flight key blocks duplicates if its process dies"),
-    "SLUICE_LOG_MAX_ENTRIES": ("log_max_entries", "10000", _int(1),
+    "SLUICE_LOG_MAX_ENTRIES": ("log_max_entries", "10000", int_range(1),
                                "request-log entries kept per connector"),
-    "SLUICE_LOG_MAX_AGE_S": ("log_max_age_s", "604800", _int(60),
+    "SLUICE_LOG_MAX_AGE_S": ("log_max_age_s", "604800", int_range(60),
                              "age after which request-log entries are dropped"),
-    "SLUICE_SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", "30", _float(0),
+    "SLUICE_SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", "30", float_min(0),
                                   "grace period for in-flight requests on SIGTERM"),
-    "SLUICE_LOG_LEVEL": ("log_level", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+    "SLUICE_LOG_LEVEL": ("log_level", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"),
                          "log level"),
 }
 
@@ -167,14 +122,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Parse every variable; raise ConfigError naming the first bad one."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for name, (field, default, parse, meaning) in VARIABLES.items():
-            raw = env.get(name, default)
-            try:
-                values[field] = parse(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{name}={raw!r}: {exc} ({meaning})") from None
+        values = parse_env(VARIABLES, os.environ if env is None else env)
         values.update(overrides)
         settings = cls(**values)
         if settings.idempotency_lock_ttl_s <= settings.kafka_publish_timeout_s:
@@ -193,7 +141,4 @@ class Settings:
 
 
 def markdown_table() -> str:
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{name}` | `{default}` | {meaning} |"
-             for name, (_, default, _, meaning) in VARIABLES.items()]
-    return "\n".join(rows)
+    return table(VARIABLES)

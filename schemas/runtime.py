@@ -1,0 +1,59 @@
+"""Process supervision shared by the gateway and the workers: N forked children, restarted
+if they die, stopped together on SIGTERM/SIGINT. A child that exits with code 2 (a
+configuration or schema problem) stops the whole group: restarting it cannot help."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+CONFIG_EXIT = 2
+_RESTART_BACKOFF_S = 1.0
+
+
+def supervise(target: Callable[[], None], processes: int, name: str) -> int:
+    """Run ``target`` in ``processes`` forked children until SIGTERM/SIGINT; the exit code."""
+    ctx = multiprocessing.get_context("fork")
+    stopping = False
+    exit_code = 0
+    children: list[multiprocessing.Process] = []
+
+    def spawn() -> multiprocessing.Process:
+        child = ctx.Process(target=target, name=name)
+        child.start()
+        return child
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.is_alive() and child.pid is not None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    children.extend(spawn() for _ in range(processes))
+    while not stopping:
+        time.sleep(0.2)
+        for i, child in enumerate(children):
+            if child.is_alive() or stopping:
+                continue
+            if child.exitcode == CONFIG_EXIT:
+                log.error("%s process %s stopped on a configuration error; stopping all",
+                          name, child.pid)
+                exit_code = CONFIG_EXIT
+                forward(signal.SIGTERM, None)
+                break
+            log.error("%s process %s exited with %s; replacing it", name, child.pid,
+                      child.exitcode)
+            time.sleep(_RESTART_BACKOFF_S)
+            children[i] = spawn()
+    for child in children:
+        child.join()
+    return exit_code
