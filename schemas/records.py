@@ -22,6 +22,15 @@ H_IDEMPOTENCY_KEY = "sluice-idempotency-key"
 H_PART = "sluice-part"  # "<index>/<count>" when one request spans several records
 H_CONTENT_TYPE = "content-type"
 
+# Dead-letter headers, added to the original record's headers.
+H_ERROR_CODE = "sluice-error-code"
+H_ERROR = "sluice-error"
+H_SOURCE_TOPIC = "sluice-source-topic"
+H_SOURCE_PARTITION = "sluice-source-partition"
+H_SOURCE_OFFSET = "sluice-source-offset"
+H_SOURCE_INDEX = "sluice-source-index"  # the event's position in the record's array
+DLQ_SUFFIX = ".dlq"
+
 CONTENT_TYPE_JSON = b"application/json"
 KAFKA_CONNECTOR = "kafka"  # connector name for records that carry none
 
@@ -81,6 +90,10 @@ def _split(items: Sequence[object], max_bytes: int) -> Iterator[bytes]:
         size += extra
     if chunk:
         yield b"[" + b",".join(chunk) + b"]"
+
+
+def dlq_topic(entry_topic: str) -> str:
+    return entry_topic + DLQ_SUFFIX
 
 
 def decode_value(value: bytes) -> list[object]:

@@ -1,0 +1,243 @@
+"""Workers end to end on real services: HTTP or Kafka in, typed rows, DLQ, logs and statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+import pytest
+
+from schemas import records as r
+from tests.integration.test_push import ITEMS
+from tests.services import consume_all, produce
+from workers.config import WorkerSettings
+from workers.consumer import Worker
+from workers.sinks.sqlite import path_of
+
+pytestmark = pytest.mark.integration
+
+
+async def wait_for(check, timeout: float = 20.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout} s; last result {result!r}")
+        await asyncio.sleep(interval)
+
+
+class Running:
+    """A worker running as a task of this test's event loop."""
+
+    def __init__(self, gw, storage_url: str, group: str | None = None):
+        self.settings = WorkerSettings.from_env({
+            "STORAGE_URL": storage_url,
+            "SLUICE_CATALOGUE_DIR": str(gw.settings.catalogue_dir),
+            "KAFKA_BOOTSTRAP_SERVERS": gw.bootstrap,
+            "KAFKA_ENABLE_IDEMPOTENCE": "false",
+            "REDIS_URL": gw.redis_url,
+            "WORKER_GROUP_ID": group or f"test-{uuid.uuid4().hex[:8]}",
+            "WORKER_BATCH_MS": "50",
+        })
+        self.worker = Worker(self.settings)
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self):
+        self.task = asyncio.create_task(self.worker.run())
+        return self
+
+    async def __aexit__(self, *exc):
+        self.worker.stop()
+        await asyncio.wait_for(self.task, 15)
+
+
+async def rows(storage_url: str, sql: str) -> list[tuple]:
+    if storage_url.startswith("sqlite"):
+        path = path_of(storage_url)
+        if not path.exists():
+            return []
+        conn = sqlite3.connect(path)
+        try:
+            return conn.execute(sql).fetchall()
+        except sqlite3.OperationalError:
+            return []  # table not created yet
+        finally:
+            conn.close()
+    conn = await asyncpg.connect(storage_url)
+    try:
+        return [tuple(x) for x in await conn.fetch(sql)]
+    except asyncpg.UndefinedTableError:
+        return []
+    finally:
+        await conn.close()
+
+
+async def count(storage_url: str, table: str = "sales") -> int:
+    got = await rows(storage_url, f"SELECT count(*) FROM {table}")
+    return got[0][0] if got else 0
+
+
+async def stats(gw, key: str | None = None) -> dict:
+    resp = await gw.client.get("/v1/datasets/sales/stats",
+                               headers={"Authorization": f"Bearer {key or gw.key}"})
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def test_http_push_becomes_typed_rows(gateway, storage_url):
+    items = [{"region": "North", "revenue": 142000.5, "target": 130000},
+             {"region": "South", "revenue": 98000}]
+    resp = await gateway.post(orjson.dumps(items), **{"X-Request-ID": "req-typed"})
+    assert resp.status == 202
+    async with Running(gateway, storage_url):
+        await wait_for(lambda: _equals(count(storage_url), 2))
+    got = await rows(storage_url, "SELECT region, revenue, target, _request_id, _connector, "
+                     "_received_at, _topic FROM sales ORDER BY region")
+    assert [g[:5] for g in got] == [("North", 142000.5, 130000.0, "req-typed", "pos"),
+                                    ("South", 98000.0, None, "req-typed", "pos")]
+    received = got[0][5]
+    if storage_url.startswith("sqlite"):
+        assert received.endswith("Z") and received.startswith(str(datetime.now(UTC).year))
+    else:
+        assert isinstance(received, datetime) and received.tzinfo is not None
+    assert got[0][6] == gateway.topic
+
+
+async def _equals(awaitable, expected):
+    return (await awaitable) == expected
+
+
+class Killed(Exception):
+    """Stands for the process dying at this point."""
+
+
+async def test_crash_after_write_before_commit_stores_nothing_twice(gateway, tmp_path):
+    storage = f"sqlite:///{tmp_path}/crash.db"
+    for i in range(3):
+        body = orjson.dumps([{"region": f"r{i}-{j}", "revenue": j} for j in range(10)])
+        assert (await gateway.post(body)).status == 202
+    group = f"crash-{uuid.uuid4().hex[:6]}"
+    crashing = Running(gateway, storage, group)
+
+    async def crash(batch):
+        raise Killed("after writing, before committing")
+
+    crashing.worker._commit = crash
+    crashing.task = asyncio.create_task(crashing.worker.run())
+    with pytest.raises(Killed):
+        await asyncio.wait_for(crashing.task, 20)
+    assert await count(storage) == 30  # written, never committed
+    async with Running(gateway, storage, group) as again:
+        await wait_for(lambda: _positive(again.worker.batches))
+    assert await count(storage) == 30  # the redelivered batch stored nothing twice
+    totals = (await stats(gateway))["totals"]
+    assert totals["written"] == 30 and totals["duplicates"] == 30
+
+
+async def _positive(value):
+    return value > 0
+
+
+async def test_out_of_order_item_key_updates_keep_the_newest(gateway, storage_url):
+    newer = [(r.H_RECEIVED_AT, b"1800000002000"), (r.H_CONNECTOR, b"pos")]
+    older = [(r.H_RECEIVED_AT, b"1800000001000"), (r.H_CONNECTOR, b"pos")]
+    await produce(gateway.bootstrap, gateway.topic,
+                  orjson.dumps([{"region": "North", "revenue": 2}]), newer)
+    await produce(gateway.bootstrap, gateway.topic,
+                  orjson.dumps([{"region": "North", "revenue": 1}]), older)
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _positive(running.worker.batches))
+        await wait_for(lambda: _equals(count(storage_url), 1))
+        await asyncio.sleep(0.3)
+    assert await rows(storage_url, "SELECT region, revenue FROM sales") == [("North", 2.0)]
+
+
+async def test_unconvertible_record_goes_to_the_dlq_and_the_partition_flows(gateway, tmp_path):
+    storage = f"sqlite:///{tmp_path}/dlq.db"
+    bad = orjson.dumps([{"region": "East", "revenue": "lots"}, {"region": "West", "revenue": 7}])
+    await produce(gateway.bootstrap, gateway.topic, bad, [(r.H_REQUEST_ID, b"req-bad")])
+    await produce(gateway.bootstrap, gateway.topic, b"{not json")
+    assert (await gateway.post(orjson.dumps(ITEMS))).status == 202
+    async with Running(gateway, storage):
+        await wait_for(lambda: _equals(count(storage), 3))
+    assert sorted(x[0] for x in await rows(storage, "SELECT region FROM sales")) == [
+        "North", "South", "West"]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(gateway.topic))
+    assert len(dead) == 2
+    by_code = {dict(d.headers)[r.H_ERROR_CODE]: d for d in dead}
+    shaped = by_code[b"SHAPE_FAILED"]
+    assert orjson.loads(shaped.value) == {"region": "East", "revenue": "lots"}
+    headers = dict(shaped.headers)
+    assert b"revenue" in headers[r.H_ERROR]
+    assert headers[r.H_SOURCE_TOPIC] == gateway.topic.encode()
+    assert headers[r.H_SOURCE_INDEX] == b"0"
+    assert headers[r.H_REQUEST_ID] == b"req-bad"
+    assert by_code[b"MALFORMED_JSON"].value == b"{not json"
+    totals = (await stats(gateway))["totals"]
+    assert totals["failed"] == 2 and totals["written"] == 3
+
+
+async def test_header_less_kafka_record_is_stored_as_connector_kafka(gateway, storage_url):
+    await produce(gateway.bootstrap, gateway.topic, b'{"region": "Kafka", "revenue": "12.5"}')
+    async with Running(gateway, storage_url):
+        await wait_for(lambda: _equals(count(storage_url), 1))
+    got = await rows(storage_url, "SELECT region, revenue, _connector, _request_id FROM sales")
+    assert got == [("Kafka", 12.5, "kafka", None)]
+    kafka = (await stats(gateway))["connectors"]["kafka"]
+    assert kafka["received"] == 1 and kafka["accepted"] == 1 and kafka["written"] == 1
+
+
+async def test_logs_and_statistics_match_what_was_sent(gateway, tmp_path):
+    storage = f"sqlite:///{tmp_path}/stats.db"
+    ok = await gateway.post(orjson.dumps(ITEMS), **{"X-Request-ID": "req-ok"})
+    partial = await gateway.post(
+        orjson.dumps([{"region": "A", "revenue": 1}, {"region": "B", "revenue": -1},
+                      {"region": "C", "revenue": 3}]),
+        query="?partial=true", **{"X-Request-ID": "req-partial"})
+    strict = await gateway.post(orjson.dumps([{"revenue": 1}]), **{"X-Request-ID": "req-bad"})
+    replay_1 = await gateway.post(orjson.dumps(ITEMS[:1]), **{"Idempotency-Key": "once"})
+    replay_2 = await gateway.post(orjson.dumps(ITEMS[:1]), **{"Idempotency-Key": "once"})
+    assert [ok.status, partial.status, strict.status, replay_1.status, replay_2.status] == [
+        202, 202, 400, 202, 202]
+    async with Running(gateway, storage):
+        await wait_for(lambda: _equals(count(storage), 4))  # North (twice), South, A, C
+        await asyncio.sleep(0.3)  # the gateway's outcomes flush every 0.2 s
+    totals = (await stats(gateway))["totals"]
+    assert {k: totals[k] for k in ("requests", "received", "accepted", "rejected", "replayed",
+                                   "written", "duplicates", "failed")} == {
+        "requests": 5, "received": 2 + 3 + 1 + 1, "accepted": 2 + 2 + 1, "rejected": 1 + 1,
+        "replayed": 1, "written": 5, "duplicates": 0, "failed": 0}
+    assert totals["bytes"] > 0 and totals["first_event_at"] <= totals["last_event_at"]
+    resp = await gateway.client.get("/v1/connectors/pos/logs?size=10",
+                                    headers={"Authorization": f"Bearer {gateway.key}"})
+    log = await resp.json()
+    assert log["total"] == 4  # the replay is not a new request
+    by_id = {e["request_id"]: e for e in log["entries"]}
+    assert by_id["req-ok"]["status"] == "processed"
+    assert (by_id["req-ok"]["items_received"], by_id["req-ok"]["items_written"]) == (2, 2)
+    assert by_id["req-partial"]["status"] == "partially failed"
+    assert by_id["req-partial"]["items_rejected"] == 1
+    assert by_id["req-partial"]["errors"][0]["index"] == 1
+    assert by_id["req-bad"]["status"] == "failed"
+    assert by_id["req-bad"]["http_status"] == 400 and by_id["req-bad"]["code"] == "VALIDATION_FAILED"
+    assert log["entries"][0]["timestamp"] >= log["entries"][-1]["timestamp"]
+
+
+async def test_read_apis_need_a_key_for_the_dataset(gateway):
+    other = {"Authorization": f"Bearer {gateway.other_key}"}
+    resp = await gateway.client.get("/v1/datasets/sales/stats", headers=other)
+    assert resp.status == 403
+    resp = await gateway.client.get("/v1/connectors/pos/logs", headers=other)
+    assert resp.status == 403 and (await resp.json())["code"] == "FORBIDDEN"
+    resp = await gateway.client.get("/v1/connectors/nobody/logs", headers=other)
+    assert resp.status == 404
+    resp = await gateway.client.get("/v1/connectors/pos/logs?size=0",
+                                    headers={"Authorization": f"Bearer {gateway.key}"})
+    assert resp.status == 400

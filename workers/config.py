@@ -1,0 +1,88 @@
+"""Worker settings from the environment, checked at start-up (``sluice-worker config``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from schemas.dataset import Limits
+from schemas.envconfig import (
+    Variables,
+    boolean,
+    bootstrap_servers,
+    float_min,
+    int_range,
+    one_of,
+    parse_env,
+    redis_url,
+    table,
+)
+
+
+def storage_url(raw: str) -> str:
+    if not raw.startswith(("sqlite:", "postgresql:", "postgres:")):
+        raise ValueError("must be sqlite:///path or postgresql://user@host/db")
+    return raw
+
+
+VARIABLES: Variables = {
+    "STORAGE_URL": ("storage_url", "sqlite:///var/sluice.db", storage_url,
+                    "where rows go: sqlite:///path (embedded) or postgresql://..."),
+    "SLUICE_CATALOGUE_DIR": ("catalogue_dir", "schemas/examples", Path,
+                             "directory of dataset definition files"),
+    "KAFKA_BOOTSTRAP_SERVERS": ("kafka_bootstrap", "127.0.0.1:9092", bootstrap_servers,
+                                "Kafka bootstrap servers"),
+    "KAFKA_ENABLE_IDEMPOTENCE": ("kafka_idempotence", "true", boolean,
+                                 "idempotent dead-letter producer; false for Tansu"),
+    "REDIS_URL": ("redis_url", "redis://127.0.0.1:6379/0", redis_url,
+                  "Redis for request logs and statistics"),
+    "WORKER_GROUP_ID": ("group_id", "sluice-workers", str, "Kafka consumer group"),
+    "WORKER_PROCESSES": ("processes", "1", int_range(1, 256),
+                         "consumer processes (useful up to the number of partitions)"),
+    "WORKER_BATCH_SIZE": ("batch_size", "5000", int_range(1, 1_000_000),
+                          "records per batch at most"),
+    "WORKER_BATCH_MS": ("batch_ms", "200", int_range(1, 60_000),
+                        "how long a batch waits to fill before it is written"),
+    "WORKER_CATALOGUE_RELOAD_S": ("reload_s", "10", float_min(0.5),
+                                  "how often the catalogue is checked for new datasets"),
+    "SLUICE_LOG_MAX_ENTRIES": ("log_max_entries", "10000", int_range(1),
+                               "request-log entries kept per connector"),
+    "SLUICE_LOG_MAX_AGE_S": ("log_max_age_s", "604800", int_range(60),
+                             "age after which request-log entries are dropped"),
+    "SLUICE_LOG_LEVEL": ("log_level", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"),
+                         "log level"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    storage_url: str
+    catalogue_dir: Path
+    kafka_bootstrap: str
+    kafka_idempotence: bool
+    redis_url: str
+    group_id: str
+    processes: int
+    batch_size: int
+    batch_ms: int
+    reload_s: float
+    log_max_entries: int
+    log_max_age_s: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        values = parse_env(VARIABLES, os.environ if env is None else env)
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits()
+
+
+def markdown_table() -> str:
+    return table(VARIABLES)

@@ -1,0 +1,199 @@
+"""One worker process: poll a batch, decode and shape, write, dead-letter, account, commit.
+
+Offsets are committed only after the batch's rows are written, its dead letters acknowledged
+and its outcomes recorded, so a crash anywhere before the commit redelivers the batch, and
+storage's natural keys make the redelivery a no-op (at-least-once delivery, exactly-once
+effect). A failing step is retried with backoff on the same batch; SIGTERM lets the current
+batch finish, commits it and leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections import defaultdict
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from schemas import outcomes as o
+from schemas.catalogue import CatalogueError, definition_files, load_catalogue
+from schemas.structure import Structure
+from workers.accounting import BatchOutcome
+from workers.config import WorkerSettings
+from workers.decode import Decoded, decode
+from workers.dlq import DeadLetters
+from workers.rows import reduce_latest
+from workers.sinks import Sink, StorageSchemaError, open_sink
+
+log = logging.getLogger(__name__)
+_MAX_BACKOFF_S = 10.0
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.sink: Sink = open_sink(settings.storage_url)
+        self.dlq = DeadLetters(settings.kafka_bootstrap, settings.kafka_idempotence)
+        self.redis = Redis.from_url(settings.redis_url, socket_timeout=2,
+                                    socket_connect_timeout=2)
+        self.account = self.redis.register_script(o.ACCOUNT_SCRIPT)
+        self.structures: dict[str, Structure] = {}  # by entry topic
+        self.consumer: AIOKafkaConsumer | None = None
+        self.stopping = asyncio.Event()
+        self._catalogue_stamp: tuple = ()
+        self.batches = 0
+
+    # -- catalogue ---------------------------------------------------------------------------
+
+    def _stamp(self) -> tuple:
+        files = definition_files(self.settings.catalogue_dir)
+        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+
+    async def load_catalogue(self) -> bool:
+        """(Re)load the catalogue and prepare tables; True when the topic set changed."""
+        stamp = self._stamp()
+        if stamp == self._catalogue_stamp:
+            return False
+        catalogue = load_catalogue(self.settings.catalogue_dir, self.settings.limits)
+        structures = {d.entry_topic: Structure(d) for d in catalogue}
+        for structure in structures.values():
+            await self.sink.prepare(structure)
+        changed = set(structures) != set(self.structures)
+        self.structures = structures
+        self._catalogue_stamp = stamp
+        return changed
+
+    async def _watch_catalogue(self) -> None:
+        while not self.stopping.is_set():
+            await asyncio.sleep(self.settings.reload_s)
+            try:
+                if await self.load_catalogue() and self.consumer is not None:
+                    log.info("catalogue changed: consuming %s", sorted(self.structures))
+                    self.consumer.subscribe(topics=sorted(self.structures))
+            except (CatalogueError, OSError) as exc:
+                log.error("catalogue reload failed, keeping the previous one: %s", exc)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.sink.start()
+        await self.load_catalogue()
+        await self.dlq.start()
+        self.consumer = AIOKafkaConsumer(
+            *sorted(self.structures),
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=self.settings.group_id,
+            client_id="sluice-worker",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.settings.batch_size,
+        )
+        await self.consumer.start()
+        watcher = asyncio.create_task(self._watch_catalogue())
+        log.info("worker consuming %s into %s", sorted(self.structures),
+                 self.settings.storage_url.split("@")[-1])
+        try:
+            while not self.stopping.is_set():
+                batch = await self._poll()
+                if batch:
+                    await self._handle(batch)
+        finally:
+            watcher.cancel()
+            await self.consumer.stop()  # leaves the group
+            await self.dlq.stop()
+            await self.sink.close()
+            await self.redis.aclose()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _poll(self) -> list:
+        assert self.consumer is not None
+        batch: list = []
+        deadline = time.monotonic() + self.settings.batch_ms / 1000
+        while len(batch) < self.settings.batch_size and not self.stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            fetched = await self.consumer.getmany(
+                timeout_ms=int(remaining * 1000),
+                max_records=self.settings.batch_size - len(batch))
+            for records in fetched.values():
+                batch.extend(records)
+        return batch
+
+    async def _handle(self, batch: list) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.process(batch)
+                break
+            except StorageSchemaError:
+                raise  # needs a person: stop with the message
+            except (OSError, KafkaError, RedisError, TimeoutError) as exc:
+                # transient (storage, broker or Redis away): the same batch again, idempotently
+                log.warning("batch of %d records failed (%s: %s); retrying in %.1f s",
+                            len(batch), type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF_S)
+        await self._commit(batch)
+
+    async def _commit(self, batch: list) -> None:
+        assert self.consumer is not None
+        offsets: dict[TopicPartition, int] = {}
+        for record in batch:
+            tp = TopicPartition(record.topic, record.partition)
+            offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
+        assigned = self.consumer.assignment()
+        offsets = {tp: off for tp, off in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # A rebalance took the partitions: their new owner redelivers, storage dedupes.
+            log.warning("commit after a rebalance failed: %s", exc)
+        self.batches += 1
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    async def process(self, batch: list) -> BatchOutcome:
+        """Decode, shape, write, dead-letter and account one batch (commit is the caller's)."""
+        outcome = BatchOutcome()
+        per_dataset: dict[str, Decoded] = defaultdict(Decoded)
+        for record in batch:
+            structure = self.structures.get(record.topic)
+            if structure is None:
+                continue  # a dataset removed from the catalogue: leave its topic alone
+            origin, events = decode(record, structure, per_dataset[record.topic])
+            outcome.received(structure.dataset.id, origin, events)
+        for topic, decoded in per_dataset.items():
+            structure = self.structures[topic]
+            latest, superseded = reduce_latest(structure, decoded.rows)
+            if latest:
+                result = await self.sink.write(structure, latest)
+                # superseded rows lost only to a newer write in the same batch: they count
+                # as written, as they would have been one statement at a time
+                written = result.written.copy()
+                for row in superseded:
+                    written[row.origin.request_id] += 1
+                outcome.stored(structure.dataset.id, latest + superseded, written)
+            for letter in decoded.dead:
+                outcome.failed(structure.dataset.id, letter)
+        await self.dlq.send([d for decoded in per_dataset.values() for d in decoded.dead])
+        await outcome.write(self.redis, self.account, self.settings.log_max_age_s)
+        return outcome
+
+
+async def run_worker(settings: WorkerSettings) -> None:
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
+

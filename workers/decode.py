@@ -1,0 +1,78 @@
+"""Decode and shape: Kafka records into rows, or into dead letters with the reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from schemas import records as r
+from schemas.structure import ShapeError, Structure
+from workers.rows import Origin, Row
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """An event (or a whole undecodable record) that cannot be stored, and why."""
+
+    record: Any  # the aiokafka ConsumerRecord it came from
+    value: bytes  # the event as JSON, or the record's raw value
+    code: str  # MALFORMED_JSON, SHAPE_FAILED
+    error: str
+    index: int | None = None
+    origin: Origin | None = None
+
+
+@dataclass(slots=True)
+class Decoded:
+    rows: list[Row] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+def origin_of(record: Any) -> Origin:
+    """The record's metadata from its headers; a record without headers is connector 'kafka'."""
+    headers = {k: v.decode("utf-8", "replace") for k, v in (record.headers or ())}
+    received = headers.get(r.H_RECEIVED_AT)
+    received_ms = int(received) if received and received.isdigit() else record.timestamp
+    part = headers.get(r.H_PART, "0/1").partition("/")[0]
+    return Origin(
+        request_id=headers.get(r.H_REQUEST_ID),
+        connector=headers.get(r.H_CONNECTOR) or r.KAFKA_CONNECTOR,
+        received_at=datetime.fromtimestamp(received_ms / 1000, UTC),
+        session_id=headers.get(r.H_SESSION_ID),
+        sync_id=headers.get(r.H_SYNC_ID),
+        idempotency_key=headers.get(r.H_IDEMPOTENCY_KEY),
+        part=int(part) if part.isdigit() else 0,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        index=0,
+    )
+
+
+def decode(record: Any, structure: Structure, out: Decoded) -> tuple[Origin, int]:
+    """Append the record's rows and dead letters to ``out``; its origin and event count."""
+    base = origin_of(record)
+    try:
+        events = r.decode_value(record.value)
+    except orjson.JSONDecodeError as exc:
+        out.dead.append(DeadLetter(record, record.value or b"", "MALFORMED_JSON",
+                                   f"the record value is not JSON: {exc}", origin=base))
+        return base, 1
+    shape = structure.shape
+    for index, event in enumerate(events):
+        origin = base if index == 0 else _at(base, index)
+        try:
+            out.rows.append(Row(shape(event), origin))
+        except ShapeError as exc:
+            out.dead.append(DeadLetter(record, orjson.dumps(event), "SHAPE_FAILED", str(exc),
+                                       index, origin))
+    return base, len(events)
+
+
+def _at(base: Origin, index: int) -> Origin:
+    return Origin(base.request_id, base.connector, base.received_at, base.session_id,
+                  base.sync_id, base.idempotency_key, base.part, base.topic, base.partition,
+                  base.offset, index)
