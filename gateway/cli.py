@@ -15,6 +15,7 @@ import yaml
 from gateway.config import ConfigError, Settings, markdown_table
 from schemas.catalogue import CatalogueError, definition_files, load_catalogue, read_definition
 from schemas.keys import hash_key, new_key
+from schemas.records import dlq_topic
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -85,15 +86,15 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
         await admin.start()
         try:
             existing = set(await admin.list_topics())
-            wanted = [d.entry_topic for d in catalogue if d.entry_topic not in existing]
+            topics = [t for d in catalogue for t in (d.entry_topic, dlq_topic(d.entry_topic))]
+            wanted = [t for t in topics if t not in existing]
             if wanted:
                 # another gateway or auto-creation may create them meanwhile
                 with contextlib.suppress(TopicAlreadyExistsError):
                     await admin.create_topics([NewTopic(t, args.partitions, args.replication)
                                                for t in wanted])
-            for dataset in catalogue:
-                state = "created" if dataset.entry_topic in wanted else "exists"
-                print(f"{dataset.entry_topic}: {state}")
+            for topic in topics:
+                print(f"{topic}: {'created' if topic in wanted else 'exists'}")
         finally:
             await admin.close()
 
@@ -132,7 +133,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--catalogue", help="overrides SLUICE_CATALOGUE_DIR")
     create.set_defaults(func=cmd_keys_create)
     topics = sub.add_parser("topics", help="entry topics").add_subparsers(dest="t", required=True)
-    tcreate = topics.add_parser("create", help="create every missing entry topic")
+    tcreate = topics.add_parser("create", help="create missing entry and dead-letter topics")
     tcreate.add_argument("--partitions", type=int, default=3)
     tcreate.add_argument("--replication", type=int, default=1)
     tcreate.add_argument("--catalogue", help="overrides SLUICE_CATALOGUE_DIR")

