@@ -1,0 +1,126 @@
+"""Entity structure: columns from a schema and the coercion of values into rows."""
+
+from datetime import UTC, date, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas.dataset import DatasetError, Limits, parse_dataset
+from schemas.structure import (
+    EXTRA_COLUMN,
+    ShapeError,
+    Structure,
+    to_boolean,
+    to_integer,
+    to_number,
+    to_text,
+    to_timestamp,
+)
+
+SCHEMA = {"type": "object", "properties": {
+    "id": {"type": "string"},
+    "n": {"type": "integer", "default": 5},
+    "x": {"type": "number"},
+    "ok": {"type": "boolean"},
+    "at": {"type": "string", "format": "date-time"},
+    "day": {"type": "string", "format": "date"},
+    "geo": {"type": "object", "properties": {"lat": {"type": "number"},
+                                             "inner": {"type": "object", "properties": {
+                                                 "z": {"type": "integer"}}}},
+            "required": ["lat"]},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "kind": {"enum": ["a", "b"]},
+}, "required": ["id", "geo"]}
+
+
+def structure(**extra) -> Structure:
+    return Structure(parse_dataset({"id": "d", "schema": SCHEMA, **extra}, Limits()))
+
+
+def test_columns_flatten_nested_objects():
+    s = structure()
+    assert s.data_columns == [("id", "text"), ("n", "integer"), ("x", "number"),
+                              ("ok", "boolean"), ("at", "timestamp"), ("day", "date"),
+                              ("geo__lat", "number"), ("geo__inner__z", "integer"),
+                              ("tags", "json"), ("kind", "text"), (EXTRA_COLUMN, "json")]
+
+
+def test_nested_json_and_dropping_unknown_fields():
+    s = structure(nested="json", unknown_fields="drop")
+    assert ("geo", "json") in s.data_columns and EXTRA_COLUMN not in dict(s.data_columns)
+    row = s.shape({"id": "a", "geo": {"lat": 1}, "surprise": True})
+    assert row["geo"] == {"lat": 1} and "surprise" not in str(row)
+
+
+def test_shape_coerces_and_fills_defaults():
+    row = structure().shape({"id": 7, "x": "1.5", "ok": "yes", "at": "2026-01-02T03:04:05",
+                             "day": "2026-01-02", "geo": {"lat": "52.1"}, "other": [1]})
+    assert row["id"] == "7" and row["n"] == 5 and row["x"] == 1.5 and row["ok"] is True
+    assert row["at"] == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert row["day"] == date(2026, 1, 2)
+    assert row["geo__lat"] == 52.1 and row["geo__inner__z"] is None
+    assert row[EXTRA_COLUMN] == {"other": [1]}
+
+
+@pytest.mark.parametrize("item, path", [
+    ({"geo": {"lat": 1}}, "$.id"),
+    ({"id": "a"}, "$.geo.lat"),
+    ({"id": "a", "geo": {"lat": "north"}}, "$.geo.lat"),
+    ({"id": "a", "geo": {"lat": 1}, "n": 1.5}, "$.n"),
+    ({"id": "a", "geo": {"lat": 1}, "ok": "maybe"}, "$.ok"),
+    ({"id": "a", "geo": {"lat": 1}, "at": "yesterday"}, "$.at"),
+    ({"id": {"no": 1}, "geo": {"lat": 1}}, "$.id"),
+])
+def test_shape_errors_name_the_field(item, path):
+    with pytest.raises(ShapeError) as info:
+        structure().shape(item)
+    assert info.value.path == path
+
+
+def test_non_object_item():
+    with pytest.raises(ShapeError):
+        structure().shape([1, 2])
+
+
+def test_overlong_column_names_are_refused():
+    schema = {"type": "object", "properties": {"a" * 70: {"type": "string"}}}
+    with pytest.raises(DatasetError, match="longer"):
+        Structure(parse_dataset({"id": "d", "schema": schema}, Limits()))
+
+
+def test_epoch_timestamps_in_seconds_and_milliseconds():
+    assert to_timestamp(1_800_000_000) == to_timestamp(1_800_000_000_000)
+    assert to_timestamp("2026-01-02T03:04:05+02:00") == datetime(2026, 1, 2, 1, 4, 5, tzinfo=UTC)
+
+
+@given(st.integers(-(10**12), 10**12))
+def test_integers_survive_as_text_and_numbers(n):
+    assert to_integer(str(n)) == n
+    assert to_integer(float(n)) == n if abs(n) < 2**53 else True
+    assert to_number(str(n)) == float(n)
+    assert to_text(n) == str(n)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_finite_floats_round_trip_through_text(x):
+    assert to_number(repr(x)) == x
+
+
+@given(st.booleans())
+def test_booleans_round_trip_through_text(b):
+    assert to_boolean(to_text(b)) is b
+    assert to_boolean(int(b)) is b
+
+
+@given(st.one_of(st.lists(st.integers()), st.dictionaries(st.text(), st.integers())))
+def test_containers_are_not_scalars(value):
+    for coerce in (to_integer, to_number, to_text, to_boolean):
+        with pytest.raises((TypeError, ValueError)):
+            coerce(value)
+
+
+@given(st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1),
+                    timezones=st.just(UTC)))
+def test_timestamps_round_trip_through_iso_text(moment):
+    assert to_timestamp(moment.isoformat()) == moment
