@@ -14,7 +14,7 @@ import pytest
 
 from schemas import records as r
 from tests.integration.test_push import ITEMS
-from tests.services import consume_all, produce
+from tests.services import consume_all, create_topics, produce
 from workers.config import WorkerSettings
 from workers.consumer import Worker
 from workers.sinks.sqlite import path_of
@@ -36,7 +36,7 @@ async def wait_for(check, timeout: float = 20.0, interval: float = 0.1):
 class Running:
     """A worker running as a task of this test's event loop."""
 
-    def __init__(self, gw, storage_url: str, group: str | None = None):
+    def __init__(self, gw, storage_url: str, group: str | None = None, **env: str):
         self.settings = WorkerSettings.from_env({
             "STORAGE_URL": storage_url,
             "SLUICE_CATALOGUE_DIR": str(gw.settings.catalogue_dir),
@@ -45,6 +45,7 @@ class Running:
             "REDIS_URL": gw.redis_url,
             "WORKER_GROUP_ID": group or f"test-{uuid.uuid4().hex[:8]}",
             "WORKER_BATCH_MS": "50",
+            **env,
         })
         self.worker = Worker(self.settings)
         self.task: asyncio.Task | None = None
@@ -242,3 +243,17 @@ async def test_read_apis_need_a_key_for_the_dataset(gateway):
     resp = await gateway.client.get("/v1/connectors/pos/logs?size=0",
                                     headers={"Authorization": f"Bearer {gateway.key}"})
     assert resp.status == 400
+
+
+async def test_a_new_dataset_is_consumed_without_a_restart(gateway, tmp_path):
+    storage = f"sqlite:///{tmp_path}/new.db"
+    topic = f"ingest.fresh.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic], partitions=1)
+    async with Running(gateway, storage, WORKER_CATALOGUE_RELOAD_S="0.5") as running:
+        await wait_for(lambda: _positive(len(running.worker.structures)))
+        (gateway.settings.catalogue_dir / "fresh.yaml").write_text(
+            f"id: fresh\nentry_topic: {topic}\nschema: {{type: object, properties: "
+            "{n: {type: integer}}}\n")
+        await produce(gateway.bootstrap, topic, b'[{"n": "41"}, {"n": 42}]')
+        await wait_for(lambda: _equals(count(storage, "fresh"), 2), timeout=30)
+    assert sorted(await rows(storage, "SELECT n FROM fresh")) == [(41,), (42,)]
