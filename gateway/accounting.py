@@ -18,6 +18,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from schemas import metrics
 from schemas import outcomes as o
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,18 @@ class Accountant:
         self.dropped = 0
 
     def record(self, outcome: RequestOutcome) -> None:
+        """The request's fate, recorded once: metrics now, log and statistics at the flush."""
+        dataset = outcome.dataset
+        if outcome.accepted:
+            metrics.EVENTS.labels(dataset, "accepted").inc(outcome.accepted)
+        if outcome.rejected:
+            metrics.EVENTS.labels(dataset, "rejected").inc(outcome.rejected)
+        if outcome.replayed:
+            metrics.REPLAYED.labels(dataset).inc()
+        if outcome.rate_limited:
+            metrics.RATE_LIMITED.labels(dataset).inc()
+        if outcome.bytes:
+            metrics.PAYLOAD_BYTES.labels(dataset).observe(outcome.bytes)
         if len(self._pending) >= self._max_pending:
             self._pending.pop(0)
             self.dropped += 1
@@ -79,6 +92,7 @@ class Accountant:
         try:
             await self._write(batch)
         except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("accounting").inc()
             log.warning("could not write %d request outcomes to Redis (%s); retrying",
                         len(batch), type(exc).__name__)
             self._pending[:0] = batch[-self._max_pending:]

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import RedisUnavailable
+from schemas import metrics
 from schemas.dataset import RateLimit
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Admitter:
         try:
             result = await self._admit(keys=keys, args=args)
         except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("admit").inc()
             raise RedisUnavailable(headers={"Retry-After": "1"}) from exc
         replay = result[3] if len(result) > 3 else None
         return Admission(Verdict(result[0]), int(result[1]), int(result[2]), replay)
@@ -122,6 +124,7 @@ class Admitter:
             return bool(await self._complete(keys=[idem_key],
                                              args=[owner, stored, self._retention_ms]))
         except RedisError:
+            metrics.REDIS_ERRORS.labels("complete").inc()
             log.warning("could not store an idempotent answer; its claim will expire")
             return False
 
@@ -130,4 +133,5 @@ class Admitter:
         try:
             await self._release(keys=[idem_key], args=[owner])
         except RedisError:
+            metrics.REDIS_ERRORS.labels("release").inc()
             log.warning("could not release an idempotency claim; it expires with its lock TTL")

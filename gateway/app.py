@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 
 import orjson
@@ -19,6 +20,7 @@ from gateway.ingest import Ingestor
 from gateway.publisher import Publisher
 from gateway.routes import datasets, events, health, stats
 from gateway.state import REQUEST_ID, STATE, State
+from schemas import metrics
 from schemas.catalogue import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,26 @@ def _from_http(exc: web.HTTPException) -> ApiError:
     return error
 
 
+def _labels(request: web.Request) -> tuple[str, str]:
+    """Bounded labels: the route template, and the dataset only if the catalogue knows it."""
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else "unmatched"
+    dataset = request.match_info.get("dataset")
+    if dataset is not None and request.app[STATE].catalogue.get(dataset) is None:
+        dataset = "unknown"
+    return template, dataset or ""
+
+
+@web.middleware
+async def measured(request: web.Request, handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await handler(request)
+    route, dataset = _labels(request)
+    metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - started)
+    metrics.HTTP_REQUESTS.labels(dataset, route, str(response.status)).inc()
+    return response
+
+
 @web.middleware
 async def problems(request: web.Request, handler) -> web.StreamResponse:
     rid = request_id(request)
@@ -79,7 +101,8 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
     """Build the application; the catalogue is loaded (and checked) here unless given."""
     if catalogue is None:
         catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
-    app = web.Application(middlewares=[problems], client_max_size=catalogue.max_request_bytes)
+    app = web.Application(middlewares=[measured, problems],
+                          client_max_size=catalogue.max_request_bytes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,

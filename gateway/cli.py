@@ -15,6 +15,7 @@ import yaml
 from gateway.config import ConfigError, Settings, markdown_table
 from schemas.catalogue import CatalogueError, definition_files, load_catalogue, read_definition
 from schemas.keys import hash_key, new_key
+from schemas.metrics_export import prepare_multiprocess
 from schemas.records import dlq_topic
 
 
@@ -30,9 +31,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.server import serve  # uvloop and aiohttp only when serving
-
     settings = _settings(args)
+    if settings.processes > 1:
+        prepare_multiprocess("gateway")  # before prometheus_client is imported
+    from gateway.server import serve  # uvloop, aiohttp and the metrics only when serving
+
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)  # fail fast

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, UnknownTopicOr
 
 from gateway.config import Settings
 from gateway.errors import BrokerUnavailable, ItemTooLarge, TopicNotFound
+from schemas import metrics
 from schemas.records import RecordMeta, encode_values
 
 log = logging.getLogger(__name__)
@@ -81,11 +83,13 @@ class Publisher:
         """Send items as records to ``topic``; return the number of records once all are acked."""
         producer = self._producer
         if producer is None:
+            metrics.PUBLISH_ERRORS.labels("not_connected").inc()
             raise BrokerUnavailable("not connected to Kafka yet",
                                     headers={"Retry-After": RETRY_AFTER_S})
         values = encode_values(items, self._max_record)
         if len(values) > 1 or len(values[0]) > self._max_record:
             _check_sizes(values, self._max_record)
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
                 await self._ensure_topic(producer, topic)
@@ -94,13 +98,20 @@ class Publisher:
                            for i, v in enumerate(values)]
                 await asyncio.gather(*futures)
         except TimeoutError as exc:
+            metrics.PUBLISH_ERRORS.labels("timeout").inc()
             raise BrokerUnavailable(f"Kafka did not acknowledge within {self._timeout:g} s",
                                     headers={"Retry-After": RETRY_AFTER_S}) from exc
         except MessageSizeTooLargeError as exc:
+            metrics.PUBLISH_ERRORS.labels("too_large").inc()
             raise ItemTooLarge(f"the broker refused a record as too large: {exc}") from exc
+        except TopicNotFound:
+            metrics.PUBLISH_ERRORS.labels("topic_missing").inc()
+            raise
         except KafkaError as exc:
+            metrics.PUBLISH_ERRORS.labels("refused").inc()
             raise BrokerUnavailable(f"Kafka refused the records: {type(exc).__name__}",
                                     headers={"Retry-After": RETRY_AFTER_S}) from exc
+        metrics.PUBLISH_DURATION.observe(time.perf_counter() - started)
         return len(values)
 
     async def _ensure_topic(self, producer: AIOKafkaProducer, topic: str) -> None:

@@ -11,6 +11,8 @@ import signal
 import time
 from collections.abc import Callable
 
+from schemas.metrics_export import process_exited
+
 log = logging.getLogger(__name__)
 
 CONFIG_EXIT = 2
@@ -44,6 +46,7 @@ def supervise(target: Callable[[], None], processes: int, name: str) -> int:
         for i, child in enumerate(children):
             if child.is_alive() or stopping:
                 continue
+            process_exited(child.pid)
             if child.exitcode == CONFIG_EXIT:
                 log.error("%s process %s stopped on a configuration error; stopping all",
                           name, child.pid)

@@ -1,4 +1,4 @@
-"""GET /healthz (the process answers) and GET /readyz (Redis, Kafka and catalogue usable)."""
+"""GET /healthz (alive), GET /readyz (Redis, Kafka and catalogue usable), GET /metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.state import STATE
+from schemas.metrics_export import exposition
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -35,6 +36,12 @@ async def readyz(request: web.Request) -> web.Response:
                              status=200 if ready else 503)
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 def setup(app: web.Application) -> None:
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
