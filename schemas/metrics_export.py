@@ -19,17 +19,24 @@ def prepare_multiprocess(name: str) -> None:
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix=f"sluice-{name}-metrics-")
 
 
+def registry():
+    """This process's registry, or one that sums every process's files."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    if not os.environ.get(MULTIPROC_ENV):
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    summed = CollectorRegistry()
+    multiprocess.MultiProcessCollector(summed)
+    return summed
+
+
 def exposition() -> tuple[bytes, str]:
     """The current metrics in the text format, and its content type."""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    if os.environ.get(MULTIPROC_ENV):
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(registry()), CONTENT_TYPE_LATEST
 
 
 def process_exited(pid: int) -> None:

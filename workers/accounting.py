@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from schemas import metrics
 from schemas import outcomes as o
 from workers.decode import DeadLetter
 from workers.rows import Origin, Row
@@ -43,6 +44,8 @@ class BatchOutcome:
             left[rid] -= took
             self.stats[(dataset, connector)][o.WRITTEN] += took
             self.stats[(dataset, connector)][o.DUPLICATES] += count - took
+            metrics.WRITTEN.labels(dataset).inc(took)
+            metrics.DUPLICATES.labels(dataset).inc(count - took)
             if rid is not None:
                 self.requests[rid][o.WRITTEN] += took
                 self.requests[rid][o.DUPLICATES] += count - took
@@ -51,6 +54,7 @@ class BatchOutcome:
         origin = letter.origin
         connector = origin.connector if origin else o.KAFKA_CONNECTOR
         self.stats[(dataset, connector)][o.FAILED] += 1
+        metrics.DEAD_LETTERED.labels(dataset).inc()
         if origin is not None and origin.request_id is not None:
             self.requests[origin.request_id][o.FAILED] += 1
             self.errors[origin.request_id].append(orjson.dumps(

@@ -12,6 +12,7 @@ import uvloop
 
 from schemas.catalogue import CatalogueError, load_catalogue
 from schemas.envconfig import ConfigError
+from schemas.metrics_export import prepare_multiprocess, registry
 from schemas.runtime import CONFIG_EXIT, supervise
 from workers.config import WorkerSettings, markdown_table
 from workers.sinks import StorageSchemaError
@@ -42,10 +43,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     load_catalogue(settings.catalogue_dir, settings.limits)  # fail fast, before forking
+    if settings.processes > 1:
+        prepare_multiprocess("worker")  # before prometheus_client is imported
+    if settings.metrics_port:
+        _serve_metrics(settings.metrics_port)  # in the parent: it sums every process
     if settings.processes == 1:
         _run_one(settings)
         return 0
     return supervise(lambda: _run_one(settings), settings.processes, "worker")
+
+
+def _serve_metrics(port: int) -> None:
+    """GET /metrics on ``port`` (from the supervisor when there are several processes)."""
+    from prometheus_client import start_http_server
+
+    import schemas.metrics  # noqa: F401 - registers the worker metrics in this process
+
+    start_http_server(port, registry=registry())
 
 
 def cmd_rows(args: argparse.Namespace) -> int:

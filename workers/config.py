@@ -46,6 +46,8 @@ VARIABLES: Variables = {
                           "records per batch at most"),
     "WORKER_BATCH_MS": ("batch_ms", "200", int_range(1, 60_000),
                         "how long a batch waits to fill before it is written"),
+    "WORKER_METRICS_PORT": ("metrics_port", "9108", int_range(0, 65535),
+                            "port of the workers' /metrics (0: none)"),
     "WORKER_CATALOGUE_RELOAD_S": ("reload_s", "10", float_min(0.5),
                                   "how often the catalogue is checked for new datasets"),
     "SLUICE_LOG_MAX_ENTRIES": ("log_max_entries", "10000", int_range(1),
@@ -68,6 +70,7 @@ class WorkerSettings:
     processes: int
     batch_size: int
     batch_ms: int
+    metrics_port: int
     reload_s: float
     log_max_entries: int
     log_max_age_s: int

@@ -20,6 +20,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from schemas import metrics
 from schemas import outcomes as o
 from schemas.catalogue import CatalogueError, definition_files, load_catalogue
 from schemas.structure import Structure
@@ -128,6 +129,7 @@ class Worker:
         return batch
 
     async def _handle(self, batch: list) -> None:
+        started = time.perf_counter()
         delay = 0.2
         while True:
             try:
@@ -137,11 +139,13 @@ class Worker:
                 raise  # needs a person: stop with the message
             except (OSError, KafkaError, RedisError, TimeoutError) as exc:
                 # transient (storage, broker or Redis away): the same batch again, idempotently
+                metrics.BATCH_RETRIES.labels(type(exc).__name__).inc()
                 log.warning("batch of %d records failed (%s: %s); retrying in %.1f s",
                             len(batch), type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF_S)
         await self._commit(batch)
+        metrics.BATCH_DURATION.observe(time.perf_counter() - started)
 
     async def _commit(self, batch: list) -> None:
         assert self.consumer is not None
@@ -158,7 +162,14 @@ class Worker:
         except CommitFailedError as exc:
             # A rebalance took the partitions: their new owner redelivers, storage dedupes.
             log.warning("commit after a rebalance failed: %s", exc)
+            return
         self.batches += 1
+        metrics.LAST_COMMIT.set(time.time())
+        for tp, committed in offsets.items():
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                    max(0, highwater - committed))
 
     # -- the steps ---------------------------------------------------------------------------
 
@@ -176,7 +187,10 @@ class Worker:
             structure = self.structures[topic]
             latest, superseded = reduce_latest(structure, decoded.rows)
             if latest:
+                started = time.perf_counter()
                 result = await self.sink.write(structure, latest)
+                metrics.WRITE_DURATION.labels(structure.dataset.id).observe(
+                    time.perf_counter() - started)
                 # superseded rows lost only to a newer write in the same batch: they count
                 # as written, as they would have been one statement at a time
                 written = result.written.copy()

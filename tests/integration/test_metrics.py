@@ -79,3 +79,32 @@ async def test_counts_sum_across_processes(tmp_path, kafka, redis_url):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+async def test_worker_metrics_follow_the_batch(gateway, tmp_path):
+    from prometheus_client import REGISTRY
+
+    from tests.integration.test_workers import Running, _equals, count, wait_for
+    from tests.services import produce
+
+    def now(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    storage = f"sqlite:///{tmp_path}/m.db"
+    written = now("sluice_worker_records_written_total", dataset="sales")
+    dead = now("sluice_worker_dead_lettered_total", dataset="sales")
+    assert (await gateway.post(orjson.dumps(ITEMS))).status == 202
+    await produce(gateway.bootstrap, gateway.topic, b'{"region": "x", "revenue": "lots"}')
+    async with Running(gateway, storage):
+        await wait_for(lambda: _equals(count(storage), 2))
+        await wait_for(lambda: _dead_lettered(now, dead + 1))
+    assert now("sluice_worker_records_written_total", dataset="sales") - written == 2
+    assert now("sluice_worker_last_commit_timestamp_seconds") > 0
+    assert now("sluice_worker_batch_duration_seconds_count") >= 1
+    lags = [now("sluice_worker_consumer_lag", topic=gateway.topic, partition=str(p))
+            for p in range(2)]
+    assert lags == [0.0, 0.0]
+
+
+async def _dead_lettered(now, expected):
+    return now("sluice_worker_dead_lettered_total", dataset="sales") == expected
