@@ -20,10 +20,12 @@ from gateway.ingest import Ingestor
 from gateway.publisher import Publisher
 from gateway.routes import datasets, events, health, stats
 from gateway.state import REQUEST_ID, STATE, State
-from schemas import metrics
+from schemas import logs, metrics
 from schemas.catalogue import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("sluice.access")
+ACCESS_LOG = web.AppKey("access_log", bool)
 
 PROBLEM_JSON = "application/problem+json"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -69,19 +71,30 @@ def _labels(request: web.Request) -> tuple[str, str]:
 
 
 @web.middleware
-async def measured(request: web.Request, handler) -> web.StreamResponse:
+async def observed(request: web.Request, handler) -> web.StreamResponse:
+    """Request id for the answer and every log line, metrics, and the optional access log."""
     started = time.perf_counter()
-    response = await handler(request)
-    route, dataset = _labels(request)
-    metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - started)
-    metrics.HTTP_REQUESTS.labels(dataset, route, str(response.status)).inc()
-    return response
+    rid = request[REQUEST_ID] = request_id(request)
+    token = logs.REQUEST_ID.set(rid)
+    try:
+        response = await handler(request)
+        route, dataset = _labels(request)
+        elapsed = time.perf_counter() - started
+        metrics.HTTP_DURATION.labels(route).observe(elapsed)
+        metrics.HTTP_REQUESTS.labels(dataset, route, str(response.status)).inc()
+        if request.app[ACCESS_LOG]:
+            access_log.info("%s %s %d", request.method, route, response.status, extra={
+                "method": request.method, "route": route, "dataset": dataset or None,
+                "status": response.status, "duration_ms": round(elapsed * 1000, 3),
+                "body_bytes": request.content_length})
+        return response
+    finally:
+        logs.REQUEST_ID.reset(token)
 
 
 @web.middleware
 async def problems(request: web.Request, handler) -> web.StreamResponse:
-    rid = request_id(request)
-    request[REQUEST_ID] = rid
+    rid = request[REQUEST_ID]
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -91,7 +104,7 @@ async def problems(request: web.Request, handler) -> web.StreamResponse:
             raise
         response = problem(_from_http(exc), rid, request.path)
     except Exception:
-        log.exception("unhandled error", extra={"request_id": rid})
+        log.exception("unhandled error")
         response = problem(InternalError(), rid, request.path)
     response.headers["X-Request-ID"] = rid
     return response
@@ -101,8 +114,9 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
     """Build the application; the catalogue is loaded (and checked) here unless given."""
     if catalogue is None:
         catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
-    app = web.Application(middlewares=[measured, problems],
+    app = web.Application(middlewares=[observed, problems],
                           client_max_size=catalogue.max_request_bytes)
+    app[ACCESS_LOG] = settings.access_log
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,

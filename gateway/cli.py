@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import orjson
 import yaml
 
 from gateway.config import ConfigError, Settings, markdown_table
+from schemas import logs
 from schemas.catalogue import CatalogueError, definition_files, load_catalogue, read_definition
 from schemas.keys import hash_key, new_key
 from schemas.metrics_export import prepare_multiprocess
@@ -36,8 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         prepare_multiprocess("gateway")  # before prometheus_client is imported
     from gateway.server import serve  # uvloop, aiohttp and the metrics only when serving
 
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)  # fail fast
     return serve(settings)
 

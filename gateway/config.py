@@ -88,6 +88,10 @@ VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                                   "grace period for in-flight requests on SIGTERM"),
     "SLUICE_LOG_LEVEL": ("log_level", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"),
                          "log level"),
+    "SLUICE_LOG_FORMAT": ("log_format", "json", one_of("json", "text"),
+                          "json: one JSON object per line, with request_id; text: for a terminal"),
+    "SLUICE_ACCESS_LOG": ("access_log", "false", boolean,
+                          "one log line per request (method, route, status, duration, request_id)"),
 }
 
 
@@ -118,6 +122,8 @@ class Settings:
     log_max_age_s: int
     shutdown_timeout_s: float
     log_level: str
+    log_format: str
+    access_log: bool
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvloop
 
+from schemas import logs
 from schemas.catalogue import CatalogueError, load_catalogue
 from schemas.envconfig import ConfigError
 from schemas.metrics_export import prepare_multiprocess, registry
@@ -40,8 +41,7 @@ def _run_one(settings: WorkerSettings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     load_catalogue(settings.catalogue_dir, settings.limits)  # fail fast, before forking
     if settings.processes > 1:
         prepare_multiprocess("worker")  # before prometheus_client is imported

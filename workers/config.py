@@ -56,6 +56,8 @@ VARIABLES: Variables = {
                              "age after which request-log entries are dropped"),
     "SLUICE_LOG_LEVEL": ("log_level", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"),
                          "log level"),
+    "SLUICE_LOG_FORMAT": ("log_format", "json", one_of("json", "text"),
+                          "json: one JSON object per line; text: for a terminal"),
 }
 
 
@@ -75,6 +77,7 @@ class WorkerSettings:
     log_max_entries: int
     log_max_age_s: int
     log_level: str
+    log_format: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def start_gateway(tmp_path, bootstrap: str, redis_url: str, processes: int):
+async def start_gateway(tmp_path, bootstrap: str, redis_url: str, processes: int, **extra: str):
     key, other = new_key("pos"), new_key("crm")
     topic, other_topic = write_catalogue(tmp_path, os.urandom(4).hex(), key, other, None)
     await create_topics(bootstrap, [topic, other_topic], partitions=2)
@@ -31,7 +31,7 @@ async def start_gateway(tmp_path, bootstrap: str, redis_url: str, processes: int
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
            "REDIS_URL": redis_url, "SLUICE_CATALOGUE_DIR": str(tmp_path),
            "SLUICE_PORT": str(port), "SLUICE_HOST": "127.0.0.1",
-           "SLUICE_PROCESSES": str(processes), "SLUICE_SHUTDOWN_TIMEOUT_S": "20"}
+           "SLUICE_PROCESSES": str(processes), "SLUICE_SHUTDOWN_TIMEOUT_S": "20", **extra}
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -95,3 +95,28 @@ async def test_sigterm_finishes_in_flight_requests(tmp_path, own_broker, redis_u
         resp.release()
     assert proc.wait(30) == 0
     assert events(await consume_all(broker.bootstrap, topic)) == ITEMS[1:] + ITEMS[:1]
+
+
+async def test_logs_are_json_lines_with_the_request_id(tmp_path, kafka, redis_url):
+    proc, base, key, _ = await start_gateway(tmp_path, kafka.bootstrap, redis_url, 1,
+                                             SLUICE_ACCESS_LOG="true")
+    wrong = key[:-4] + "abcd"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for rid, body, k, status in (("log-ok", orjson.dumps(ITEMS), key, 202),
+                                         ("log-bad", b"[{", key, 400),
+                                         ("log-key", orjson.dumps(ITEMS), wrong, 401)):
+                async with post(session, base, k, body, **{"X-Request-ID": rid}) as resp:
+                    assert resp.status == status
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    output = proc.stdout.read().decode()
+    lines = [orjson.loads(line) for line in output.splitlines() if line.strip()]  # all JSON
+    assert lines and all({"ts", "level", "logger", "pid", "msg"} <= line.keys() for line in lines)
+    access = {line["request_id"]: line for line in lines if line["logger"] == "sluice.access"
+              and line["route"] == "/v1/datasets/{dataset}/events"}
+    assert {rid: line["status"] for rid, line in access.items()} == {
+        "log-ok": 202, "log-bad": 400, "log-key": 401}
+    assert access["log-ok"]["dataset"] == "sales"
+    assert not any(secret in output for secret in (key, wrong, key.rsplit("_", 1)[1]))

@@ -34,3 +34,13 @@ def test_lock_must_outlive_publish_timeout():
 def test_table_lists_every_variable():
     table = markdown_table()
     assert all(f"`{name}`" in table for name in VARIABLES)
+
+
+def test_readme_documents_every_variable():
+    from pathlib import Path
+
+    from workers.config import VARIABLES as WORKER_VARIABLES
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [name for name in {**VARIABLES, **WORKER_VARIABLES} if f"| `{name}` |" not in readme]
+    assert not missing, f"README's configuration tables lack {missing}"
