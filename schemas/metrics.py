@@ -42,6 +42,9 @@ PUBLISH_ERRORS = Counter(
     ["reason"])
 REDIS_ERRORS = Counter(
     "sluice_redis_errors_total", "Redis calls that failed, by operation", ["operation"])
+GATEWAY_READY = Gauge(
+    "sluice_gateway_ready", "1 while Redis, Kafka (every entry topic) and the catalogue pass "
+    "/readyz's checks, else 0; the lowest of the live processes", multiprocess_mode="livemin")
 
 # --- workers -----------------------------------------------------------------------------
 WRITTEN = Counter(

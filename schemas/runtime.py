@@ -40,6 +40,7 @@ def supervise(target: Callable[[], None], processes: int, name: str) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    process_exited(os.getpid())  # this process serves nothing: its live gauges (0) must not count
     children.extend(spawn() for _ in range(processes))
     while not stopping:
         time.sleep(0.2)

@@ -1,25 +1,37 @@
-"""GET /healthz (alive), GET /readyz (Redis, Kafka and catalogue usable), GET /metrics."""
+"""GET /healthz (alive), GET /readyz (Redis, Kafka and catalogue usable), GET /metrics.
+
+The same readiness checks also run every READY_CHECK_INTERVAL_S in each gateway process and
+set the ``sluice_gateway_ready`` gauge, so Prometheus can alert on a gateway that is up but
+cannot take events.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway.state import STATE
+from gateway.state import STATE, State
+from schemas import metrics
 from schemas.metrics_export import exposition
+
+log = logging.getLogger(__name__)
+
+READY_CHECK_INTERVAL_S = 5.0
 
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    timeout = state.settings.redis_timeout_s
+async def readiness(state: State) -> tuple[bool, dict[str, str]]:
+    """Whether this process can take events now, and what each check found."""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(state.settings.redis_timeout_s):
             redis_ok = bool(await state.redis.ping())
         redis_detail = "ok"
     except (RedisError, TimeoutError) as exc:
@@ -32,8 +44,36 @@ async def readyz(request: web.Request) -> web.Response:
         "catalogue": f"{len(state.catalogue)} datasets",
     }
     ready = redis_ok and kafka_ok and len(state.catalogue) > 0
+    metrics.GATEWAY_READY.set(1 if ready else 0)
+    return ready, checks
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, checks = await readiness(request.app[STATE])
     return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
                              status=200 if ready else 503)
+
+
+async def _watch_readiness(state: State, interval: float) -> None:
+    while True:
+        try:
+            await readiness(state)
+        except Exception:  # a check that broke unexpectedly must not freeze the gauge at 1
+            log.exception("readiness check failed")
+            metrics.GATEWAY_READY.set(0)
+        await asyncio.sleep(interval)
+
+
+async def readiness_gauge(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: keep ``sluice_gateway_ready`` fresh while the application runs.
+
+    Needs the application's State, so it must come after the context that creates it.
+    """
+    task = asyncio.create_task(_watch_readiness(app[STATE], READY_CHECK_INTERVAL_S))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -42,6 +82,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
+    """Routes, and the readiness gauge (create_app calls this after adding its resources)."""
+    app.cleanup_ctx.append(readiness_gauge)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
