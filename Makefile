@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test test-unit lint fmt clean venv system-deps
+.PHONY: run test test-unit lint fmt clean venv system-deps bench bench-deps
 
 venv: $(STAMP)
 
@@ -32,11 +32,21 @@ test: venv system-deps
 test-unit: venv
 	$(PY) -m pytest -q tests/unit
 
+# wrk (Debian package) drives the load; PostgreSQL (Debian package) receives the drain.
+bench-deps:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "installing wrk (Debian package)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk) \
+	  || { echo "wrk is missing and could not be installed"; exit 1; }; }
+
+bench: venv system-deps bench-deps
+	$(PY) -m bench.run $(BENCH_ARGS)
+
 lint: venv
-	$(VENV)/bin/ruff check gateway schemas tests deploy
+	$(VENV)/bin/ruff check gateway schemas workers tests deploy bench
 
 fmt: venv
-	$(VENV)/bin/ruff check --fix gateway schemas tests deploy
+	$(VENV)/bin/ruff check --fix gateway schemas workers tests deploy bench
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import fastjsonschema
+import jsonschema_rs
 
 from schemas.keys import KEY_ID_RE, IngestKey
 
@@ -58,7 +58,7 @@ class Dataset:
     ingest_keys: tuple[IngestKey, ...]
     nested: str  # "columns" or "json": how workers store nested objects
     unknown_fields: str  # "keep" or "drop"
-    validate_item: Any = field(repr=False)  # compiled fastjsonschema validator, one item
+    validate_item: Any = field(repr=False)  # compiled validator (jsonschema-rs) of one item
     validate_array: Any = field(repr=False)  # the same for a whole array, in one call
 
     @property
@@ -88,10 +88,10 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
     event_id = _optional_field(raw, "event_id", schema)
     checked = _with_required(schema, [f for f in (item_key, event_id) if f])
     try:
-        validate_item = fastjsonschema.compile(checked, use_default=False)
-        validate_array = fastjsonschema.compile(_array_of(checked), use_default=False)
-    except fastjsonschema.JsonSchemaDefinitionException as exc:
-        raise DatasetError(f"schema: {exc}") from exc
+        validate_item = compile_schema(checked)
+        validate_array = compile_schema(_array_of(checked))
+    except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, ValueError) as exc:
+        raise DatasetError(f"schema: {str(exc).splitlines()[0]}") from exc
     return Dataset(
         id=dataset_id,
         title=_string(raw, "title", dataset_id),
@@ -111,6 +111,15 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
         validate_item=validate_item,
         validate_array=validate_array,
     )
+
+
+def compile_schema(schema: dict) -> Any:
+    """A compiled validator: draft-07 unless ``$schema`` names another draft; formats are
+    checked; a ``$ref`` is never fetched from the network (a catalogue must not make the
+    gateway call out)."""
+    cls = (jsonschema_rs.validator_cls_for(schema) if "$schema" in schema
+           else jsonschema_rs.Draft7Validator)
+    return cls(schema, validate_formats=True, offline=True)
 
 
 def _optional_field(raw: dict, name: str, schema: dict) -> str | None:

@@ -1,0 +1,1 @@
+"""`make bench`: Sluice's throughput, latency and drain measured beside its ceilings."""

@@ -1,0 +1,281 @@
+"""`make bench`: the gateway under wrk load beside its ceilings, latency at a constant rate,
+and how fast the workers drain a backlog; one table, and JSON in bench/results/.
+
+    python -m bench.run [--seconds 10] [--processes 2] [--skip-drain] [--drain-events 1000000]
+
+Everything runs on this machine: a redis-server and a Tansu broker of its own on free ports,
+the gateway (`sluice serve`), the references (bench/references.py), wrk, the workers and the
+machine's PostgreSQL (started if it is down). Each target gets the same broker, process
+count and load, so the ratios compare like with like within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import bodies, load
+from bench.catalogue import write_catalogue
+from bench.drain import drain
+from bench.kafka import produce
+from bench.machine import describe
+from bench.procs import ROOT, Service, start, wait_http
+from schemas.keys import new_key
+from tests.services import RedisServer, TansuBroker, create_topics, free_port
+
+RESULTS = ROOT / "bench" / "results"
+PATH = "/v1/datasets/sales/events"
+TOPIC = "ingest.sales"
+RELAY_TOPIC = "bench.relay"
+WARMUP_S = 2.0
+
+SCENARIOS = {  # name: (what, events per request, gzip)
+    "array100": "100-event JSON arrays",
+    "single": "single events",
+    "array1mib": "1 MiB JSON arrays",
+    "gzip100": "gzip 100-event arrays",
+}
+
+
+def write_bodies(directory: Path) -> dict[str, tuple[Path, int, bool]]:
+    big, big_count = bodies.array_up_to(1024 * 1024)
+    hundred = bodies.array_of(100)
+    contents = {
+        "array100": (hundred, 100, False),
+        "single": (orjson.dumps(bodies.events(1)[0]), 1, False),
+        "array1mib": (big, big_count, False),
+        "gzip100": (bodies.gzipped(hundred), 100, True),
+    }
+    out = {}
+    for name, (data, count, gz) in contents.items():
+        path = directory / f"{name}.body"
+        path.write_bytes(data)
+        out[name] = (path, count, gz)
+    return out
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path):
+        self.args = args
+        self.work = work
+        self.logs = work / "logs"
+        self.key = new_key("bench")
+        self.redis = RedisServer().start()
+        self.kafka = TansuBroker().start()
+        self.infra = {"broker": self.kafka.proc.pid, "redis": self.redis.proc.pid}
+        self.bodies = write_bodies(work)
+
+    def close(self) -> None:
+        self.kafka.close()
+        self.redis.close()
+
+    # -- targets -------------------------------------------------------------------------------
+
+    def gateway(self) -> tuple[Service, str]:
+        catalogue = self.work / "catalogue"
+        write_catalogue(catalogue, self.key, {"sales": TOPIC})
+        port = free_port()
+        service = start("gateway", ["-m", "gateway", "serve"], {
+            "SLUICE_HOST": "127.0.0.1", "SLUICE_PORT": str(port),
+            "SLUICE_PROCESSES": str(self.args.processes),
+            "SLUICE_CATALOGUE_DIR": str(catalogue), "REDIS_URL": self.redis.url,
+            "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
+            "SLUICE_LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(self.work / "prom"),
+        }, self.logs)
+        wait_http(service, f"http://127.0.0.1:{port}/readyz")
+        return service, f"http://127.0.0.1:{port}{PATH}"
+
+    def reference(self, kind: str) -> tuple[Service, str]:
+        port = free_port()
+        extra = (["--bootstrap", self.kafka.bootstrap, "--topic", RELAY_TOPIC]
+                 if kind == "relay" else [])
+        service = start(kind, ["-m", "bench.references", kind, "--port", str(port),
+                               "--processes", str(self.args.processes), *extra], {}, self.logs)
+        wait_http(service, f"http://127.0.0.1:{port}/", status=405)
+        return service, f"http://127.0.0.1:{port}{PATH}"
+
+    # -- measurements --------------------------------------------------------------------------
+
+    def load(self, service: Service, url: str, scenario: str, *, rate: float | None = None,
+             auth: bool = True) -> dict[str, Any]:
+        body, count, gz = self.bodies[scenario]
+        options = {"key": self.key if auth else None, "gzip": gz, "idempotency": auth}
+        if rate is None:
+            load.run(url, body, seconds=WARMUP_S, **options)
+        cpu_before = self._cpu(service)
+        result = load.run(url, body, seconds=self.args.seconds, rate=rate, **options)
+        cpu = {name: round(after - cpu_before[name], 2) for name, after in
+               self._cpu(service).items()}
+        return {
+            "events_per_s": round(result.requests_per_s * count),
+            "requests_per_s": round(result.requests_per_s, 1),
+            "p50_ms": result.p50_ms, "p90_ms": result.p90_ms, "p99_ms": result.p99_ms,
+            "max_ms": result.max_ms, "errors": result.errors, "statuses": result.statuses,
+            "events_per_request": count, "body_bytes": body.stat().st_size,
+            "cpu_s": cpu, **({"max_behind_ms": result.max_behind_ms} if rate else {}),
+        }
+
+    def _cpu(self, service: Service) -> dict[str, float]:
+        from bench.procs import cpu_seconds, descendants
+
+        out = {name: cpu_seconds(descendants(pid)) for name, pid in self.infra.items()}
+        out[service.name] = service.cpu()
+        for pid, seconds in service.per_process_cpu().items():
+            out[f"{service.name}:{pid}"] = seconds
+        out["wrk"] = _wrk_cpu()
+        return out
+
+    def raw_producer(self) -> dict[str, Any]:
+        body, count, _ = self.bodies["array100"]
+        sent, took = asyncio.run(produce(self.kafka.bootstrap, RELAY_TOPIC, [body.read_bytes()],
+                                         seconds=self.args.seconds))
+        return {"records_per_s": round(sent / took, 1), "events_per_s": round(sent * count / took),
+                "events_per_record": count}
+
+
+def _wrk_cpu() -> float:
+    """CPU of finished wrk runs: children's time of this process (wrk is our only child)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    bench = Bench(args, work)
+    report: dict[str, Any] = {"machine": describe(args.processes), "seconds": args.seconds,
+                              "scenarios": {}, "ceilings": {"bare": {}, "relay": {}},
+                              "ratio_to_ceiling": {}, "ratio_to_http": {}}
+    try:
+        asyncio.run(create_topics(bench.kafka.bootstrap, [TOPIC, TOPIC + ".dlq", RELAY_TOPIC],
+                                  partitions=3))
+        wanted = [s for s in SCENARIOS if s in args.scenarios]
+        for kind in ("bare", "relay"):
+            service, url = bench.reference(kind)
+            try:
+                for scenario in wanted:
+                    if scenario != "gzip100":  # the references do not inflate gzip
+                        report["ceilings"][kind][scenario] = bench.load(service, url, scenario,
+                                                                        auth=False)
+                        _progress(kind, scenario, report["ceilings"][kind][scenario])
+            finally:
+                service.stop()
+        report["ceilings"]["raw_producer"] = bench.raw_producer()
+        _progress("raw_producer", "array100", report["ceilings"]["raw_producer"])
+        service, url = bench.gateway()
+        try:
+            for scenario in wanted:
+                report["scenarios"][scenario] = bench.load(service, url, scenario)
+                _progress("gateway", scenario, report["scenarios"][scenario])
+            if "array100" in report["scenarios"]:
+                half = report["scenarios"]["array100"]["requests_per_s"] / 2
+                report["latency_at_half_max"] = {"rate_requests_per_s": round(half),
+                                                 **bench.load(service, url, "array100", rate=half)}
+                _progress("gateway paced", "array100", report["latency_at_half_max"])
+        finally:
+            service.stop()
+        for scenario, result in report["scenarios"].items():
+            relay = report["ceilings"]["relay"].get(scenario)
+            bare = report["ceilings"]["bare"].get(scenario)
+            if relay:
+                report["ratio_to_ceiling"][scenario] = round(
+                    result["events_per_s"] / relay["events_per_s"], 3)
+            if bare:
+                report["ratio_to_http"][scenario] = round(
+                    result["events_per_s"] / bare["events_per_s"], 3)
+        if not args.skip_drain:
+            report["drain"] = drain(bench.kafka.bootstrap, bench.redis.url, bench.key, work,
+                                    args.drain_events, args.processes)
+            report["drain_events_per_s"] = {store: d["events_per_s"]
+                                            for store, d in report["drain"].items()}
+    finally:
+        bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _progress(target: str, scenario: str, result: dict[str, Any]) -> None:
+    print(f"  {target:<14} {scenario:<10} {result.get('events_per_s', 0):>11,} events/s "
+          f"p99 {result.get('p99_ms', float('nan')):.1f} ms", flush=True)
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"machine: {report['machine']['summary']}", "",
+             f"{'target':<14}{'scenario':<11}{'events/s':>11}{'req/s':>9}{'p50 ms':>8}"
+             f"{'p99 ms':>8}{'max ms':>8}{'errors':>7}  cpu s (gateway|ref, broker, redis)"]
+
+    def row(target: str, scenario: str, r: dict[str, Any]) -> str:
+        cpu = r.get("cpu_s", {})
+        own = cpu.get(target.split()[0], cpu.get("gateway", 0))
+        return (f"{target:<14}{scenario:<11}{r['events_per_s']:>11,}{r['requests_per_s']:>9,.0f}"
+                f"{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['max_ms']:>8.1f}{r['errors']:>7}  "
+                f"{own:.1f}, {cpu.get('broker', 0):.1f}, {cpu.get('redis', 0):.1f}")
+
+    for scenario, r in report["scenarios"].items():
+        lines.append(row("gateway", scenario, r))
+        for kind in ("relay", "bare"):
+            if scenario in report["ceilings"][kind]:
+                lines.append(row(kind, scenario, report["ceilings"][kind][scenario]))
+    paced = report.get("latency_at_half_max")
+    if paced:
+        lines.append(row("gateway paced", "array100", paced)
+                     + f"  at {paced['rate_requests_per_s']} req/s, "
+                       f"max behind schedule {paced['max_behind_ms']} ms")
+    raw = report["ceilings"].get("raw_producer")
+    if raw:
+        lines.append(f"raw aiokafka producer: {raw['records_per_s']:,.0f} records/s = "
+                     f"{raw['events_per_s']:,} events/s")
+    lines.append("")
+    for scenario in report["scenarios"]:
+        lines.append(f"{scenario:<11} ratio_to_ceiling (relay) "
+                     f"{report['ratio_to_ceiling'].get(scenario, '-')}, "
+                     f"ratio_to_http (bare) {report['ratio_to_http'].get(scenario, '-')}")
+    for store, d in report.get("drain", {}).items():
+        lines.append(f"drain {store:<11} {d['events_per_s']:>9,} events/s; {d['events']:,} events "
+                     f"in {d['seconds']:.1f} s from worker start "
+                     f"({d['steady_seconds']:.1f} s after the first commit)")
+    return "\n".join(lines)
+
+
+def save(report: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    (RESULTS / "latest.json").write_bytes(text)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M")
+    dated = RESULTS / f"{stamp}-{report['machine']['commit'][:8]}.json"
+    dated.write_bytes(text)
+    return dated
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="each measured run")
+    parser.add_argument("--processes", type=int, default=2, help="server processes")
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS),
+                        choices=list(SCENARIOS))
+    parser.add_argument("--skip-drain", action="store_true")
+    parser.add_argument("--drain-events", type=int, default=1_000_000)
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    args = parser.parse_args()
+    print(f"sluice bench on {platform.node()}: {args.seconds:g} s per run", flush=True)
+    started = time.monotonic()
+    report = run(args)
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
+    print()
+    print(table(report))
+    if not args.no_save:
+        print(f"\nresults: {RESULTS / 'latest.json'} and {save(report)}")
+
+
+if __name__ == "__main__":
+    main()
