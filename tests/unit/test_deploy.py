@@ -12,6 +12,7 @@ exist.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.resources
 import importlib.util
 import json
@@ -44,7 +45,6 @@ GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 
 KNOWN_ENV = set(gateway_config.VARIABLES) | set(worker_config.VARIABLES) | {
     "PROMETHEUS_MULTIPROC_DIR"}
-OUR_PREFIXES = ("SLUICE_", "KAFKA_", "WORKER_", "REDIS_", "STORAGE_", "PROMETHEUS_")
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 KUBERNETES_VERSIONS = ["1.30", kubernetes_validate.utils.latest_version()]
 IMAGE_UID = 10001  # USER in the Dockerfile, runAsUser in the pods
@@ -60,11 +60,12 @@ def _settings_for(argv: list[str], env: dict[str, str]) -> Settings | WorkerSett
     return Settings.from_env(env)
 
 
-def _gateway_routes() -> set[str]:
+@functools.cache
+def _gateway_routes() -> frozenset[str]:
     """GET routes of the real gateway application (nothing is started)."""
     app = create_app(Settings.from_env({"SLUICE_CATALOGUE_DIR": str(ROOT / "schemas/examples")}))
-    return {r.resource.canonical for r in app.router.routes()
-            if r.method == "GET" and r.resource is not None}
+    return frozenset(r.resource.canonical for r in app.router.routes()
+                     if r.method == "GET" and r.resource is not None)
 
 
 def _job_matchers(text: str) -> set[str]:
