@@ -74,11 +74,16 @@ class Structure:
         names = [c.name for c in self.columns]
         if len(set(names)) != len(names):
             raise DatasetError(f"dataset {dataset.id}: two fields map to the same column")
-        self._known_top = set(dataset.schema.get("properties", {}))
-        self._coerce = [(c.name, c.path, _COERCE[c.kind], c.required, c.default)
-                        for c in self.columns]
+        self._known_top = frozenset(dataset.schema.get("properties", {}))
+        # per column: top-level name (or None for a nested path), path, coercion, required,
+        # default; the top-level case skips the path walk
+        self._coerce = [(c.path[0] if len(c.path) == 1 else None, c.path, _COERCE[c.kind],
+                         c.required, c.default) for c in self.columns]
         self.key_column = _column_of(dataset.item_key)
         self.event_column = _column_of(dataset.event_id)
+        names = [n for n, _ in self.data_columns]
+        self.data_names = tuple(names)
+        self.key_index = names.index(self.key_column) if self.key_column else None
 
     @property
     def data_columns(self) -> list[tuple[str, str]]:
@@ -89,28 +94,38 @@ class Structure:
         return out
 
     def shape(self, item: Any) -> dict[str, Any]:
-        """The row for one item; raises ShapeError."""
+        """The row for one item as {column: value}; raises ShapeError."""
+        return dict(zip(self.data_names, self.row_values(item), strict=True))
+
+    def row_values(self, item: Any) -> tuple:
+        """The row for one item, values in ``data_names`` order; raises ShapeError.
+
+        The workers' per-event hot path: no dict per row, no path walk for top-level fields.
+        """
         if not isinstance(item, dict):
             raise ShapeError("$", f"an item must be a JSON object, not {type(item).__name__}")
-        row: dict[str, Any] = {}
-        for name, path, coerce, required, default in self._coerce:
-            value = _get(item, path)
+        values: list[Any] = []
+        append = values.append
+        for top, path, coerce, required, default in self._coerce:
+            value = item.get(top, _MISSING) if top is not None else _get(item, path)
             if value is _MISSING or value is None:
                 if default is not _MISSING:
                     value = default
                 elif required:
                     raise ShapeError(_dotted(path), "is required")
                 else:
-                    row[name] = None
+                    append(None)
                     continue
             try:
-                row[name] = coerce(value)
+                append(coerce(value))
             except (ValueError, TypeError, OverflowError) as exc:
                 raise ShapeError(_dotted(path), str(exc)) from None
         if self.keep_unknown:
-            extra = {k: v for k, v in item.items() if k not in self._known_top}
-            row[EXTRA_COLUMN] = extra or None
-        return row
+            if item.keys() <= self._known_top:
+                append(None)
+            else:
+                append({k: v for k, v in item.items() if k not in self._known_top})
+        return tuple(values)
 
 
 def _column_of(field: str | None) -> str | None:
@@ -169,17 +184,26 @@ def _dotted(path: tuple[str, ...]) -> str:
     return "$." + ".".join(path)
 
 
+# Exact-type checks first: the common case costs one comparison (bool is an int subclass, so
+# it never takes the int paths by accident).
+_NUMBERS = (int, float)
+
+
 def to_text(value: Any) -> str:
+    if type(value) is str:
+        return value
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
+    if isinstance(value, _NUMBERS):
         return repr(value) if isinstance(value, float) else str(value)
     raise TypeError(f"expected a string, got {type(value).__name__}")
 
 
 def to_integer(value: Any) -> int:
+    if type(value) is int:
+        return value
     if isinstance(value, bool):
         raise TypeError("expected an integer, got a boolean")
     if isinstance(value, int):
@@ -192,9 +216,14 @@ def to_integer(value: Any) -> int:
 
 
 def to_number(value: Any) -> float:
+    kind = type(value)
+    if kind is float and value - value == 0.0:  # finite (inf - inf and nan are nan)
+        return value
+    if kind is int:
+        return float(value)
     if isinstance(value, bool):
         raise TypeError("expected a number, got a boolean")
-    if isinstance(value, int | float):
+    if isinstance(value, _NUMBERS):
         number = float(value)
     elif isinstance(value, str):
         number = float(value.strip())
@@ -227,11 +256,13 @@ def to_timestamp(value: Any) -> datetime:
     """ISO 8601 text (naive means UTC) or epoch seconds/milliseconds, as an aware UTC time."""
     if isinstance(value, bool):
         raise TypeError("expected a date-time, got a boolean")
-    if isinstance(value, int | float):
+    if isinstance(value, _NUMBERS):
         seconds = value / 1000 if abs(value) >= 100_000_000_000 else value
         return datetime.fromtimestamp(seconds, UTC)
     if isinstance(value, str):
         parsed = datetime.fromisoformat(value.strip())
+        if parsed.tzinfo is UTC:  # "...Z": already what we store
+            return parsed
         if parsed.tzinfo is None:
             return parsed.replace(tzinfo=UTC)
         return parsed.astimezone(UTC)

@@ -48,7 +48,6 @@ def origin_of(record: Any) -> Origin:
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
-        index=0,
     )
 
 
@@ -61,18 +60,12 @@ def decode(record: Any, structure: Structure, out: Decoded) -> tuple[Origin, int
         out.dead.append(DeadLetter(record, record.value or b"", "MALFORMED_JSON",
                                    f"the record value is not JSON: {exc}", origin=base))
         return base, 1
-    shape = structure.shape
+    shape = structure.row_values
+    rows = out.rows
     for index, event in enumerate(events):
-        origin = base if index == 0 else _at(base, index)
         try:
-            out.rows.append(Row(shape(event), origin))
+            rows.append(Row(shape(event), base, index))
         except ShapeError as exc:
             out.dead.append(DeadLetter(record, orjson.dumps(event), "SHAPE_FAILED", str(exc),
-                                       index, origin))
+                                       index, base))
     return base, len(events)
-
-
-def _at(base: Origin, index: int) -> Origin:
-    return Origin(base.request_id, base.connector, base.received_at, base.session_id,
-                  base.sync_id, base.idempotency_key, base.part, base.topic, base.partition,
-                  base.offset, index)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -11,7 +11,7 @@ from schemas.structure import META_COLUMNS, Structure
 
 @dataclass(frozen=True, slots=True)
 class Origin:
-    """Where one event came from: its record's metadata and its place in the record."""
+    """Where a record came from: its metadata, shared by every event of the record."""
 
     request_id: str | None
     connector: str
@@ -23,23 +23,32 @@ class Origin:
     topic: str
     partition: int
     offset: int
-    index: int
+    meta: tuple = field(init=False, repr=False, compare=False)
 
-    def values(self) -> tuple:
-        return (self.request_id, self.connector, self.received_at, self.session_id,
-                self.sync_id, self.idempotency_key, self.part, self.topic, self.partition,
-                self.offset, self.index)
-
-    @property
-    def order(self) -> tuple:
-        """Last-writer-wins order: receive time, then position (deterministic on ties)."""
-        return (self.received_at, self.partition, self.offset, self.index)
+    def __post_init__(self) -> None:
+        # the metadata columns but the last (_index), built once per record, not per event
+        object.__setattr__(self, "meta", (
+            self.request_id, self.connector, self.received_at, self.session_id, self.sync_id,
+            self.idempotency_key, self.part, self.topic, self.partition, self.offset))
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    data: dict[str, Any]
+    """One event shaped for storage: values in the structure's ``data_names`` order."""
+
+    values: tuple
     origin: Origin
+    index: int  # the event's position in its record
+
+    @property
+    def order(self) -> tuple:
+        """Last-writer-wins order: receive time, then position (deterministic on ties)."""
+        o = self.origin
+        return (o.received_at, o.partition, o.offset, self.index)
+
+    def columns(self) -> tuple:
+        """Every column of the table row, in table order."""
+        return (*self.values, *self.origin.meta, self.index)
 
 
 def table_columns(structure: Structure) -> list[tuple[str, str]]:
@@ -52,15 +61,15 @@ def reduce_latest(structure: Structure, rows: list[Row]) -> tuple[list[Row], lis
 
     A batch may carry several writes of one item; the store can apply only one per statement.
     """
-    key = structure.key_column
+    key = structure.key_index
     if key is None:
         return rows, []
     latest: dict[Any, Row] = {}
     superseded: list[Row] = []
     for row in rows:
-        k = row.data[key]
+        k = row.values[key]
         current = latest.get(k)
-        if current is None or row.origin.order > current.origin.order:
+        if current is None or row.order > current.order:
             if current is not None:
                 superseded.append(current)
             latest[k] = row

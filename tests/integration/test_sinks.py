@@ -26,14 +26,13 @@ def structure(**extra) -> Structure:
     return Structure(parse_dataset({"id": "sales", "schema": SCHEMA, **extra}, Limits()))
 
 
-def origin(offset: int, received: datetime = T0, index: int = 0, rid: str = "r1",
-           idem: str | None = None, partition: int = 0) -> Origin:
-    return Origin(rid, "pos", received, None, None, idem, 0, "ingest.sales", partition, offset,
-                  index)
+def origin(offset: int, received: datetime = T0, rid: str = "r1", idem: str | None = None,
+           partition: int = 0) -> Origin:
+    return Origin(rid, "pos", received, None, None, idem, 0, "ingest.sales", partition, offset)
 
 
-def row(s: Structure, item: dict, o: Origin) -> Row:
-    return Row(s.shape(item), o)
+def row(s: Structure, item: dict, o: Origin, index: int = 0) -> Row:
+    return Row(s.row_values(item), o, index)
 
 
 async def read(sink, url: str, sql: str) -> list[tuple]:

@@ -88,17 +88,18 @@ class PostgresSink:
             sql += (f"ON CONFLICT ({quote(key)}) DO UPDATE SET {updates} WHERE "
                     f"({', '.join('EXCLUDED.' + c for c in order)}) > "
                     f"({', '.join('t.' + c for c in order)})")
-        return sql + " RETURNING _request_id"
+        # per request, not per row: a batch of 500k rows returns a few thousand counts
+        return (f"WITH merged AS ({sql} RETURNING _request_id) "
+                "SELECT _request_id, count(*) AS n FROM merged GROUP BY _request_id")
 
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
         assert self._pool is not None
         table = structure.dataset.id
         sql, names = self._sql[table]
-        data_names = [n for n, _ in structure.data_columns]
-        records = [(*(row.data[n] for n in data_names), *row.origin.values()) for row in rows]
+        records = [row.columns() for row in rows]
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(f"CREATE TEMP TABLE {_STAGE} (LIKE {quote(table)}) "
                                "ON COMMIT DROP")
             await conn.copy_records_to_table(_STAGE, records=records, columns=names)
             returned = await conn.fetch(sql)
-        return WriteResult(Counter(r["_request_id"] for r in returned))
+        return WriteResult(Counter({r["_request_id"]: r["n"] for r in returned}))

@@ -30,16 +30,18 @@ def timestamp_text(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return timestamp_text(value)
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
-    return value
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _register_adapters() -> None:
+    """How our values are bound, done by sqlite3 itself while binding (no per-row Python
+    pass): times as fixed-width UTC text, dates as ISO text, JSON values as JSON text.
+    (bool binds as 0/1 natively.)"""
+    sqlite3.register_adapter(datetime, timestamp_text)
+    sqlite3.register_adapter(date, date.isoformat)
+    sqlite3.register_adapter(dict, _json_text)
+    sqlite3.register_adapter(list, _json_text)
 
 
 def path_of(url: str) -> Path:
@@ -53,6 +55,7 @@ class SqliteSink:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
         self._sql: dict[str, str] = {}
+        _register_adapters()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -122,13 +125,16 @@ class SqliteSink:
     def _write(self, structure: Structure, rows: list[Row]) -> WriteResult:
         assert self._conn is not None
         sql = self._sql[structure.dataset.id]
-        names = [n for n, _ in structure.data_columns]
+        by_request: dict[str | None, list[tuple]] = {}
+        for row in rows:
+            by_request.setdefault(row.origin.request_id, []).append(row.columns())
         written: Counter = Counter()
-        with self._conn:
-            for row in rows:
-                data = row.data
-                values = [_value(data[n]) for n in names]
-                values += [_value(v) for v in row.origin.values()]
-                if self._conn.execute(sql, values).rowcount > 0:
-                    written[row.origin.request_id] += 1
+        conn = self._conn
+        with conn:
+            for request_id, values in by_request.items():
+                # rows that took: inserted or replaced (a skipped conflict changes nothing)
+                before = conn.total_changes
+                conn.executemany(sql, values)
+                if conn.total_changes > before:
+                    written[request_id] += conn.total_changes - before
         return WriteResult(written)
