@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.errors import ApiError, RateLimited
+from gateway.ingest import Answer
 from schemas import metrics
 from schemas import outcomes as o
+from schemas import windows as w
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,24 @@ class RequestOutcome:
     errors: list[dict[str, Any]] = field(default_factory=list)
     replayed: bool = False
     rate_limited: bool = False
+    session_id: str | None = None  # the ingestion session of a chunk
+
+    def refused(self, exc: ApiError) -> None:
+        """The request ended with ``exc``: its status, code, and the items it rejected."""
+        self.http_status = exc.status
+        self.code = exc.code
+        self.rate_limited = isinstance(exc, RateLimited)
+        items = exc.extra.get("items_received")
+        if items is not None:
+            self.received = self.rejected = items
+        self.errors = exc.extra.get("errors") or [{"code": exc.code, "message": exc.detail}]
+
+    def answered(self, answer: Answer) -> None:
+        """The request was answered (a 2xx, first time or replayed)."""
+        self.received = answer.accepted + answer.rejected
+        self.accepted, self.rejected = answer.accepted, answer.rejected
+        self.replayed = answer.replayed
+        self.errors = answer.errors
 
 
 class Accountant:
@@ -99,13 +121,22 @@ class Accountant:
 
     async def _write(self, batch: list[RequestOutcome]) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        for (dataset, connector), (counts, first, last) in _aggregate(batch).items():
-            args: list[Any] = [first, last]
-            for name, value in counts.items():
-                args += [name, value]
+        for (dataset, connector), args in _aggregate(batch, _by_connector).items():
             await self._script(keys=[o.stats_key(dataset), o.stats_key(dataset, connector)],
                                args=args, client=pipe)
             pipe.sadd(o.connectors_key(dataset), connector)
+        for session_id, args in _aggregate(batch, _by_session).items():
+            key = o.session_stats_key(session_id)
+            await self._script(keys=[key], args=args, client=pipe)
+            pipe.pexpire(key, self._log_age_ms)
+        increments = w.Increments()
+        for outcome in batch:
+            counts = _counts(outcome)
+            increments.add(w.dataset_scope(outcome.dataset), outcome.received_at_ms, counts)
+            if outcome.session_id is not None:
+                increments.add(w.session_scope(outcome.session_id), outcome.received_at_ms,
+                               counts)
+        increments.queue(pipe)
         now = int(time.time() * 1000)
         connectors = set()
         for outcome in batch:
@@ -124,25 +155,44 @@ class Accountant:
         await pipe.execute()
 
 
-def _aggregate(batch: list[RequestOutcome]) -> dict:
-    totals: dict[tuple[str, str], list] = {}
+def _by_connector(out: RequestOutcome) -> tuple[str, str]:
+    return out.dataset, out.connector
+
+
+def _by_session(out: RequestOutcome) -> str | None:
+    return out.session_id
+
+
+def _counts(out: RequestOutcome) -> dict[str, int]:
+    return {
+        o.REQUESTS: 1,
+        o.RECEIVED: out.received,
+        o.ACCEPTED: out.accepted,
+        o.REJECTED: out.rejected,
+        o.BYTES: out.bytes,
+        o.REPLAYED: int(out.replayed),
+        o.RATE_LIMITED: int(out.rate_limited),
+    }
+
+
+def _aggregate(batch: list[RequestOutcome], group: Callable[[RequestOutcome], Hashable | None]
+               ) -> dict[Any, list[Any]]:
+    """ACCOUNT_SCRIPT arguments per group: first and last event times, then counter pairs."""
+    totals: dict[Any, list] = {}
     for out in batch:
-        entry = totals.get((out.dataset, out.connector))
+        key = group(out)
+        if key is None:
+            continue
+        entry = totals.get(key)
         if entry is None:
-            entry = totals[(out.dataset, out.connector)] = [defaultdict(int), "", ""]
-        counts = entry[0]
-        counts[o.REQUESTS] += 1
-        counts[o.RECEIVED] += out.received
-        counts[o.ACCEPTED] += out.accepted
-        counts[o.REJECTED] += out.rejected
-        counts[o.BYTES] += out.bytes
-        counts[o.REPLAYED] += int(out.replayed)
-        counts[o.RATE_LIMITED] += int(out.rate_limited)
+            entry = totals[key] = [Counter(), "", ""]
+        entry[0].update(_counts(out))
         if out.accepted:
             ts = out.received_at_ms
             entry[1] = ts if entry[1] == "" else min(entry[1], ts)
             entry[2] = ts if entry[2] == "" else max(entry[2], ts)
-    return {k: ({n: v for n, v in c.items() if v}, f, la) for k, (c, f, la) in totals.items()}
+    return {key: [first, last, *(x for pair in counts.items() if pair[1] for x in pair)]
+            for key, (counts, first, last) in totals.items()}
 
 
 def _log_fields(out: RequestOutcome) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from gateway.config import Settings
 from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.ingest import Ingestor
 from gateway.publisher import Publisher
-from gateway.routes import datasets, events, health, stats
+from gateway.routes import datasets, events, health, ingestions, stats
 from gateway.state import REQUEST_ID, STATE, State
 from schemas import logs, metrics
 from schemas.catalogue import Catalogue, load_catalogue
@@ -140,4 +140,5 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
     datasets.setup(app)
     health.setup(app)
     stats.setup(app)
+    ingestions.setup(app)
     return app

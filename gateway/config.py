@@ -83,7 +83,15 @@ VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "SLUICE_LOG_MAX_ENTRIES": ("log_max_entries", "10000", int_range(1),
                                "request-log entries kept per connector"),
     "SLUICE_LOG_MAX_AGE_S": ("log_max_age_s", "604800", int_range(60),
-                             "age after which request-log entries are dropped"),
+                             "age after which request-log entries are dropped; also how long an ingestion session is kept after its last activity"),
+    "SLUICE_SESSION_TIMEOUT_S": ("session_timeout_s", "900", int_range(1),
+                                 "ingestion session inactivity timeout when the request names none"),
+    "SLUICE_SESSION_MIN_TIMEOUT_S": ("session_min_timeout_s", "1", int_range(1),
+                                     "shortest inactivity timeout a session may ask for"),
+    "SLUICE_SESSION_MAX_TIMEOUT_S": ("session_max_timeout_s", "86400", int_range(1),
+                                     "longest inactivity timeout a session may ask for"),
+    "SLUICE_CHUNK_MAX_BYTES": ("chunk_max_bytes", "1048576", int_range(1),
+                               "body limit of one session chunk (a dataset's smaller max_request_bytes wins)"),
     "SLUICE_SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", "30", float_min(0),
                                   "grace period for in-flight requests on SIGTERM"),
     "SLUICE_LOG_LEVEL": ("log_level", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -120,6 +128,10 @@ class Settings:
     idempotency_lock_ttl_s: int
     log_max_entries: int
     log_max_age_s: int
+    session_timeout_s: int
+    session_min_timeout_s: int
+    session_max_timeout_s: int
+    chunk_max_bytes: int
     shutdown_timeout_s: float
     log_level: str
     log_format: str
@@ -134,6 +146,10 @@ class Settings:
         if settings.idempotency_lock_ttl_s <= settings.kafka_publish_timeout_s:
             raise ConfigError("SLUICE_IDEMPOTENCY_LOCK_TTL_S must exceed KAFKA_PUBLISH_TIMEOUT_S, "
                               "or a slow publish could lose its in-flight lock")
+        if not (settings.session_min_timeout_s <= settings.session_timeout_s
+                <= settings.session_max_timeout_s):
+            raise ConfigError("SLUICE_SESSION_TIMEOUT_S must lie between "
+                              "SLUICE_SESSION_MIN_TIMEOUT_S and SLUICE_SESSION_MAX_TIMEOUT_S")
         return settings
 
     @property

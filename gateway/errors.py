@@ -60,6 +60,11 @@ class InvalidHeader(ApiError):
     title = "A request header has a value that cannot be used"
 
 
+class InvalidParameter(ApiError):
+    code = "INVALID_PARAMETER"
+    title = "A query parameter or a field of the request has a value that cannot be used"
+
+
 class Unauthorized(ApiError):
     status = 401
     code = "UNAUTHORIZED"
@@ -87,6 +92,12 @@ class NotFound(ApiError):
     title = "No such resource"
 
 
+class SessionNotFound(ApiError):
+    status = 404
+    code = "SESSION_NOT_FOUND"
+    title = "No ingestion session with this id for this key"
+
+
 class MethodNotAllowed(ApiError):
     status = 405
     code = "METHOD_NOT_ALLOWED"
@@ -97,6 +108,18 @@ class IdempotencyInFlight(ApiError):
     status = 409
     code = "IDEMPOTENCY_KEY_IN_USE"
     title = "A request with this Idempotency-Key is still being processed"
+
+
+class SessionClosed(ApiError):
+    status = 409
+    code = "SESSION_CLOSED"
+    title = "The ingestion session is closed and takes no more chunks"
+
+
+class SessionExpired(ApiError):
+    status = 409
+    code = "SESSION_EXPIRED"
+    title = "The ingestion session expired after its inactivity timeout"
 
 
 class PayloadTooLarge(ApiError):

@@ -6,6 +6,7 @@ Knows nothing of HTTP: it takes an IngestRequest and returns an Answer or raises
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,13 +54,19 @@ class Answer:
     errors: list[dict[str, Any]] = field(default_factory=list)  # of the rejected items
 
 
+# The step between admission and the stored answer: (request, inflated body, rate headers).
+Process = Callable[[IngestRequest, bytes, dict[str, str]], Awaitable[Answer]]
+
+
 class Ingestor:
     def __init__(self, admitter: Admitter, publisher: Publisher, max_reported_errors: int):
         self._admitter = admitter
         self._publisher = publisher
         self._max_errors = max_reported_errors
 
-    async def ingest(self, req: IngestRequest) -> Answer:
+    async def ingest(self, req: IngestRequest, process: Process | None = None) -> Answer:
+        """Admit, then ``process`` (parse, validate, publish unless given another step, as
+        ingestion sessions do for chunks and creation), then store or release the answer."""
         dataset = req.dataset
         body = gunzip(req.body, dataset.max_decompressed_bytes) if req.gzipped else req.body
         key_id = req.principal.key_id
@@ -75,7 +82,7 @@ class Ingestor:
             stored = admission.replay or b"202{}"
             return Answer(int(stored[:3]), stored[3:], headers, replayed=True)
         try:
-            answer = await self._process(req, body, headers)
+            answer = await (process or self._process)(req, body, headers)
         except BaseException:
             if idem is not None:
                 await self._admitter.release(idem, req.request_id)

@@ -68,3 +68,9 @@ CONSUMER_LAG = Gauge(
 LAST_COMMIT = Gauge(
     "sluice_worker_last_commit_timestamp_seconds", "Unix time of the last successful commit",
     multiprocess_mode="max")
+
+# --- ingestion sessions ------------------------------------------------------------------
+SESSIONS = Counter(
+    "sluice_ingestion_sessions_total",
+    "Ingestion sessions by event: opened, or closed by their producer (expiry is not an event)",
+    ["dataset", "event"])

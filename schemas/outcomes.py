@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from schemas.redis_keys import PREFIX
+from schemas.redis_keys import PREFIX, session_tag
 
 # Statistics fields (hash per dataset and per dataset+connector).
 REQUESTS = "requests"  # HTTP requests that reached the dataset with a valid key
@@ -39,6 +39,11 @@ def stats_key(dataset: str, connector: str | None = None) -> str:
     if connector is None:
         return f"{PREFIX}:stats:{dataset}"
     return f"{PREFIX}:stats:{dataset}:c:{connector}"
+
+
+def session_stats_key(session_id: str) -> str:
+    """Statistics hash of one ingestion session: the same fields as a dataset's."""
+    return f"{PREFIX}:session:{session_tag(session_id)}:stats"
 
 
 def connectors_key(dataset: str) -> str:

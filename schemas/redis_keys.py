@@ -19,3 +19,31 @@ def rate_bucket_key(dataset: str, key_id: str) -> str:
 
 def idempotency_key(dataset: str, key_id: str, token: str) -> str:
     return f"{PREFIX}:idem:{_tag(dataset, key_id)}:{token}"
+
+
+# Ingestion sessions. Every key of one session shares the hash tag {<session id>}, so the
+# scripts that gate a chunk or read a status touch one slot (Redis Cluster).
+def session_tag(session_id: str) -> str:
+    return f"{{{session_id}}}"
+
+
+def session_key(session_id: str) -> str:
+    """Hash of a session's state: dataset, owner, status, times, gateway-side counts."""
+    return f"{PREFIX}:session:{session_tag(session_id)}"
+
+
+def session_alive_key(session_id: str) -> str:
+    """Exists while a pending session is active; its TTL is the inactivity timeout."""
+    return f"{PREFIX}:session:{session_tag(session_id)}:alive"
+
+
+def session_inflight_key(session_id: str) -> str:
+    """Sorted set of the chunks being processed, scored by the epoch ms their claim lapses."""
+    return f"{PREFIX}:session:{session_tag(session_id)}:inflight"
+
+
+def sessions_index_key(dataset: str, key_id: str | None = None) -> str:
+    """Sorted set of a dataset's session ids (or one ingest key's), scored by creation ms."""
+    if key_id is None:
+        return f"{PREFIX}:sessions:{dataset}"
+    return f"{PREFIX}:sessions:{dataset}:k:{key_id}"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable
 
 from aiohttp import web
 
-from gateway.accounting import RequestOutcome
+from gateway.accounting import Accountant, RequestOutcome
 from gateway.auth import authenticate, authorize
-from gateway.errors import ApiError, InvalidHeader, RateLimited
-from gateway.ingest import IngestRequest
+from gateway.errors import ApiError, InvalidHeader
+from gateway.ingest import Answer, IngestRequest
 from gateway.payload import check_declared_length, check_encoding, media_type, read_limited
 from gateway.state import REQUEST_ID, STATE
 
@@ -41,17 +42,25 @@ async def post_events(request: web.Request) -> web.Response:
     dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
     outcome = RequestOutcome(dataset.id, principal.key_id, request[REQUEST_ID], received_at_ms,
                              202, bytes=request.content_length or 0)
+    return await recorded(state.accountant, outcome,
+                          _ingest(request, state, principal, dataset, received_at_ms, outcome))
+
+
+async def recorded(accountant: Accountant, outcome: RequestOutcome,
+                   ingesting: Awaitable[Answer]) -> web.Response:
+    """Await the ingestion, record its outcome once (answered or refused), respond."""
     try:
-        answer = await _ingest(request, state, principal, dataset, received_at_ms, outcome)
+        answer = await ingesting
     except ApiError as exc:
-        _failed(outcome, exc)
-        state.accountant.record(outcome)
+        outcome.refused(exc)
+        accountant.record(outcome)
         raise
-    outcome.received = answer.accepted + answer.rejected
-    outcome.accepted, outcome.rejected = answer.accepted, answer.rejected
-    outcome.replayed = answer.replayed
-    outcome.errors = answer.errors
-    state.accountant.record(outcome)
+    outcome.answered(answer)
+    accountant.record(outcome)
+    return respond(answer)
+
+
+def respond(answer: Answer) -> web.Response:
     response = web.Response(status=answer.status, body=answer.body,
                             content_type="application/json", headers=answer.headers)
     if answer.replayed:
@@ -82,16 +91,6 @@ async def _ingest(request: web.Request, state, principal, dataset, received_at_m
         request_id=request[REQUEST_ID],
         received_at_ms=received_at_ms,
     ))
-
-
-def _failed(outcome: RequestOutcome, exc: ApiError) -> None:
-    outcome.http_status = exc.status
-    outcome.code = exc.code
-    outcome.rate_limited = isinstance(exc, RateLimited)
-    items = exc.extra.get("items_received")
-    if items is not None:
-        outcome.received = outcome.rejected = items
-    outcome.errors = exc.extra.get("errors") or [{"code": exc.code, "message": exc.detail}]
 
 
 def setup(app: web.Application) -> None:

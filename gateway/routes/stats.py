@@ -1,17 +1,25 @@
-"""Read APIs of what happened: dataset statistics and a connector's request log."""
+"""Read APIs of what happened: dataset statistics and a connector's request log.
+
+Statistics are totals since the beginning plus ``windows``: the same counters over the last
+minute, hour and day, from the bucketed counters both sides write (schemas.windows).
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.auth import authenticate, authorize
-from gateway.errors import Forbidden, InvalidHeader, NotFound, RedisUnavailable
+from gateway.errors import Forbidden, InvalidParameter, NotFound, RedisUnavailable
 from gateway.state import STATE
 from schemas import outcomes as o
+from schemas import windows as w
 
 MAX_PAGE = 1000
 
@@ -24,6 +32,20 @@ def _stats(raw: dict[bytes, bytes]) -> dict[str, Any]:
     return out
 
 
+async def read_stats(redis: Redis, keys: Sequence[str], scope: str
+                     ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    """The statistics hashes at ``keys``, and the windows of ``scope``, in one round trip."""
+    buckets = w.read_keys(scope, int(time.time() * 1000))
+    pipe = redis.pipeline(transaction=False)
+    for key in (*keys, *buckets):
+        pipe.hgetall(key)
+    try:
+        results = await pipe.execute()
+    except RedisError as exc:
+        raise RedisUnavailable(headers={"Retry-After": "1"}) from exc
+    return [_stats(r) for r in results[:len(keys)]], w.summed(results[len(keys):], o.COUNTERS)
+
+
 async def dataset_stats(request: web.Request) -> web.Response:
     state = request.app[STATE]
     principal = authenticate(state.catalogue, request.headers.get("Authorization"))
@@ -31,28 +53,27 @@ async def dataset_stats(request: web.Request) -> web.Response:
     try:
         connectors = sorted(c.decode() for c in
                             await state.redis.smembers(o.connectors_key(dataset.id)))
-        pipe = state.redis.pipeline(transaction=False)
-        pipe.hgetall(o.stats_key(dataset.id))
-        for connector in connectors:
-            pipe.hgetall(o.stats_key(dataset.id, connector))
-        results = await pipe.execute()
     except RedisError as exc:
         raise RedisUnavailable(headers={"Retry-After": "1"}) from exc
+    keys = [o.stats_key(dataset.id), *(o.stats_key(dataset.id, c) for c in connectors)]
+    stats, windows = await read_stats(state.redis, keys, w.dataset_scope(dataset.id))
     return web.json_response({
         "dataset": dataset.id,
-        "totals": _stats(results[0]),
-        "connectors": {c: _stats(r) for c, r in zip(connectors, results[1:], strict=True)},
+        "totals": stats[0],
+        "windows": windows,
+        "connectors": dict(zip(connectors, stats[1:], strict=True)),
     })
 
 
-def _page(request: web.Request) -> tuple[int, int]:
+def page(request: web.Request) -> tuple[int, int]:
+    """The ``from`` and ``size`` query parameters of a listing."""
     try:
         start = int(request.query.get("from", "0"))
         size = int(request.query.get("size", "50"))
     except ValueError:
-        raise InvalidHeader("from and size must be integers") from None
+        raise InvalidParameter("from and size must be integers") from None
     if start < 0 or not 1 <= size <= MAX_PAGE:
-        raise InvalidHeader(f"from must be >= 0 and size between 1 and {MAX_PAGE}")
+        raise InvalidParameter(f"from must be >= 0 and size between 1 and {MAX_PAGE}")
     return start, size
 
 
@@ -89,7 +110,7 @@ async def connector_logs(request: web.Request) -> web.Response:
     if not (principal.admin or principal.key_id == connector
             or (datasets and principal.datasets & datasets)):
         raise Forbidden(f"this key may not read connector {connector!r}'s log")
-    start, size = _page(request)
+    start, size = page(request)
     log_key = o.connector_log_key(connector)
     try:
         total = await state.redis.zcard(log_key)

@@ -1,0 +1,156 @@
+"""/v1/ingestions: open a session, send chunks, close it, read its status, list, statistics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+
+from gateway.accounting import RequestOutcome
+from gateway.auth import authenticate, authorize
+from gateway.chunks import chunk_step
+from gateway.errors import DatasetNotFound, InvalidParameter
+from gateway.ingest import Answer, IngestRequest
+from gateway.payload import JSON, check_declared_length, check_encoding, read_limited
+from gateway.routes.events import content_type, idempotency_key, recorded, respond
+from gateway.routes.stats import page, read_stats
+from gateway.sessions import STATUSES, Sessions, parse_create
+from gateway.state import REQUEST_ID, STATE
+from schemas import outcomes as o
+from schemas import windows as w
+from schemas.catalogue import Principal
+from schemas.dataset import Dataset
+
+SESSIONS = web.AppKey("sessions", Sessions)
+CONTROL_MAX_BYTES = 16 * 1024  # bodies of create and close requests
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _principal(request: web.Request) -> Principal:
+    return authenticate(request.app[STATE].catalogue, request.headers.get("Authorization"))
+
+
+async def _control_body(request: web.Request) -> bytes:
+    content_type(request)
+    check_declared_length(request.content_length, CONTROL_MAX_BYTES)
+    return await read_limited(request.content, CONTROL_MAX_BYTES)
+
+
+async def create_session(request: web.Request) -> web.Response:
+    received_at_ms = _now_ms()
+    state = request.app[STATE]
+    principal = _principal(request)
+    body = await _control_body(request)
+    spec = parse_create(body, state.settings)
+    dataset = authorize(state.catalogue, principal, spec.dataset)
+    answer = await state.ingestor.ingest(
+        IngestRequest(dataset, principal, body, False, JSON, False, idempotency_key(request),
+                      request[REQUEST_ID], received_at_ms),
+        process=request.app[SESSIONS].creation(spec))
+    return respond(answer)
+
+
+async def get_session(request: web.Request) -> web.Response:
+    session = await request.app[SESSIONS].get(request.match_info["ingestion_id"],
+                                              _principal(request))
+    return web.json_response(session.document())
+
+
+async def patch_session(request: web.Request) -> web.Response:
+    principal = _principal(request)
+    body = await _control_body(request)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if doc != {"status": "closed"}:
+        raise InvalidParameter('send {"status": "closed"}: closing is the only change a '
+                               "session takes")
+    session = await request.app[SESSIONS].close(request.match_info["ingestion_id"], principal)
+    return web.json_response(session.document())
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    catalogue = request.app[STATE].catalogue
+    principal = _principal(request)
+    wanted = request.query.get("dataset")
+    if wanted:
+        datasets = [authorize(catalogue, principal, wanted).id]
+    else:
+        datasets = [d.id for d in catalogue if principal.may_write(d.id)]
+    status = request.query.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise InvalidParameter(f"status must be one of {', '.join(STATUSES)}")
+    start, size = page(request)
+    found = await request.app[SESSIONS].listing(principal, datasets, status, start, size)
+    return web.json_response({
+        "total": found.total,
+        "from": start,
+        "size": size,
+        "truncated": found.truncated,
+        "ingestions": [s.document() for s in found.sessions],
+    })
+
+
+async def session_stats(request: web.Request) -> web.Response:
+    session = await request.app[SESSIONS].get(request.match_info["ingestion_id"],
+                                              _principal(request))
+    stats, windows = await read_stats(request.app[STATE].redis,
+                                      [o.session_stats_key(session.id)],
+                                      w.session_scope(session.id))
+    return web.json_response({"ingestion_id": session.id, "dataset": session.dataset,
+                              "totals": stats[0], "windows": windows})
+
+
+async def post_chunk(request: web.Request) -> web.Response:
+    received_at_ms = _now_ms()
+    state = request.app[STATE]
+    principal = _principal(request)
+    session_id = request.match_info["ingestion_id"]
+    dataset = state.catalogue.get(await request.app[SESSIONS].owner(session_id, principal))
+    if dataset is None:
+        raise DatasetNotFound("the session's dataset is no longer in the catalogue")
+    outcome = RequestOutcome(dataset.id, principal.key_id, request[REQUEST_ID], received_at_ms,
+                             201, bytes=request.content_length or 0, session_id=session_id)
+    return await recorded(state.accountant, outcome,
+                          _chunk(request, principal, dataset, outcome))
+
+
+async def _chunk(request: web.Request, principal: Principal, dataset: Dataset,
+                 outcome: RequestOutcome) -> Answer:
+    state = request.app[STATE]
+    sessions = request.app[SESSIONS]
+    mime = content_type(request)
+    gzipped = check_encoding(request.headers.get("Content-Encoding"))
+    limit = sessions.chunk_limit(dataset)
+    check_declared_length(request.content_length, limit)
+    token = idempotency_key(request)
+    body = await read_limited(request.content, limit)
+    outcome.bytes = len(body)
+    session_id = outcome.session_id
+    return await state.ingestor.ingest(
+        IngestRequest(dataset, principal, body, gzipped, mime, True, token, outcome.request_id,
+                      outcome.received_at_ms, session_id=session_id),
+        process=chunk_step(sessions, state.publisher, state.settings.max_reported_errors,
+                           session_id))
+
+
+def setup(app: web.Application) -> None:
+    async def sessions(app: web.Application) -> AsyncIterator[None]:
+        # runs after gateway.app's resources context (registered before this), which made STATE
+        state = app[STATE]
+        app[SESSIONS] = Sessions(state.redis, state.settings)
+        yield
+
+    app.cleanup_ctx.append(sessions)
+    app.router.add_post("/v1/ingestions", create_session)
+    app.router.add_get("/v1/ingestions", list_sessions)
+    app.router.add_get("/v1/ingestions/{ingestion_id}", get_session)
+    app.router.add_patch("/v1/ingestions/{ingestion_id}", patch_session)
+    app.router.add_post("/v1/ingestions/{ingestion_id}/chunks", post_chunk)
+    app.router.add_get("/v1/ingestions/{ingestion_id}/stats", session_stats)
