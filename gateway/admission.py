@@ -14,10 +14,10 @@ import logging
 from dataclasses import dataclass
 from enum import IntEnum
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import RedisUnavailable
+from gateway.scripts import ScriptBatcher
 from schemas import metrics
 from schemas.dataset import RateLimit
 
@@ -90,12 +90,12 @@ class Admission:
 
 
 class Admitter:
-    """Runs the admission, completion and release scripts against one Redis."""
+    """Runs the admission, completion and release scripts, batched with concurrent calls."""
 
-    def __init__(self, redis: Redis, lock_ttl_s: int, retention_s: int):
-        self._admit = redis.register_script(_ADMIT)
-        self._complete = redis.register_script(_COMPLETE)
-        self._release = redis.register_script(_RELEASE)
+    def __init__(self, scripts: ScriptBatcher, lock_ttl_s: int, retention_s: int):
+        self._admit = scripts.register(_ADMIT)
+        self._complete = scripts.register(_COMPLETE)
+        self._release = scripts.register(_RELEASE)
         self._lock_ttl_ms = lock_ttl_s * 1000
         self._retention_ms = retention_s * 1000
 
@@ -104,7 +104,7 @@ class Admitter:
         keys = [bucket] if idem_key is None else [bucket, idem_key]
         args = [rate.requests_per_second, rate.burst, fingerprint, owner, self._lock_ttl_ms]
         try:
-            result = await self._admit(keys=keys, args=args)
+            result = await self._admit(keys, args)
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("admit").inc()
             raise RedisUnavailable(headers={"Retry-After": "1"}) from exc
@@ -121,8 +121,7 @@ class Admitter:
         """
         stored = str(status).encode() + body
         try:
-            return bool(await self._complete(keys=[idem_key],
-                                             args=[owner, stored, self._retention_ms]))
+            return bool(await self._complete([idem_key], [owner, stored, self._retention_ms]))
         except RedisError:
             metrics.REDIS_ERRORS.labels("complete").inc()
             log.warning("could not store an idempotent answer; its claim will expire")
@@ -131,7 +130,7 @@ class Admitter:
     async def release(self, idem_key: str, owner: str) -> None:
         """Drop our pending claim so a retry is processed; best effort (it expires anyway)."""
         try:
-            await self._release(keys=[idem_key], args=[owner])
+            await self._release([idem_key], [owner])
         except RedisError:
             metrics.REDIS_ERRORS.labels("release").inc()
             log.warning("could not release an idempotency claim; it expires with its lock TTL")

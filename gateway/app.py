@@ -19,6 +19,7 @@ from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound, 
 from gateway.ingest import Ingestor
 from gateway.publisher import Publisher
 from gateway.routes import datasets, events, health, ingestions, stats
+from gateway.scripts import ScriptBatcher
 from gateway.state import REQUEST_ID, STATE, State
 from schemas import logs, metrics
 from schemas.catalogue import Catalogue, load_catalogue
@@ -124,7 +125,8 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
                                retry_on_timeout=False)
         publisher = Publisher(settings)
         await publisher.start()
-        admitter = Admitter(redis, settings.idempotency_lock_ttl_s, settings.idempotency_ttl_s)
+        scripts = ScriptBatcher(redis)
+        admitter = Admitter(scripts, settings.idempotency_lock_ttl_s, settings.idempotency_ttl_s)
         ingestor = Ingestor(admitter, publisher, settings.max_reported_errors)
         accountant = Accountant(redis, log_max_entries=settings.log_max_entries,
                                 log_max_age_s=settings.log_max_age_s)
@@ -133,6 +135,7 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
         yield
         await accountant.stop()
         await publisher.stop()
+        await scripts.close()
         await redis.aclose()
 
     app.cleanup_ctx.append(resources)
