@@ -140,7 +140,7 @@ async def _missing_data(prometheus: PrometheusServer) -> list[str]:
         for panel_title, expr in dashboard_queries():
             if panel_title == title:
                 result = await asyncio.to_thread(prometheus.query, concrete(expr))
-                seen |= {r["metric"].get(label) for r in result}
+                seen |= {r["metric"][label] for r in result if label in r["metric"]}
         if not wanted <= seen:
             missing.append(f"{title}: {label} {sorted(wanted - seen)} not among {sorted(seen)}")
     return missing
@@ -168,27 +168,28 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     prometheus = PrometheusServer({"sluice-gateway": [base.removeprefix("http://")],
                                    "sluice-workers": [f"127.0.0.1:{worker_port}"]},
                                   rule_files=[ALERTS])
-    stop = asyncio.Event()
     try:
         prometheus.start()
         async with aiohttp.ClientSession() as session:
+            stop = asyncio.Event()
             steady = asyncio.create_task(_steady(session, base, key, stop))
-            await _one_of_each(session, base, key, broker, redis, topic)
-            deadline = time.monotonic() + 40
-            while (missing := await _missing_data(prometheus)) and time.monotonic() < deadline:
-                await asyncio.sleep(1)
-            stop.set()
-            statuses = await steady
+            try:
+                await _one_of_each(session, base, key, broker, redis, topic)
+                deadline = time.monotonic() + 40
+                while (missing := await _missing_data(prometheus)) and time.monotonic() < deadline:
+                    await asyncio.sleep(1)
+            finally:
+                stop.set()
+                statuses = await steady
         assert missing == [], "\n".join(missing)
-        await wait_for(lambda: _gateway_ready(prometheus), timeout=15)  # again, after the pauses
         assert statuses[202] >= 10 and set(statuses) <= {202, 429, 503}, statuses
+        await wait_for(lambda: _gateway_ready(prometheus), timeout=15)  # again, after the pauses
         groups = await wait_for(lambda: _rules_evaluated(prometheus), timeout=10)
         assert {g["name"] for g in groups} == {"sluice-recording", "sluice"}
         loaded = {r["name"]: r for g in groups for r in g["rules"]}
         assert len(loaded) == sum(len(rules) for rules in rule_groups().values())
         assert all(r["health"] == "ok" and not r.get("lastError") for r in loaded.values())
     finally:
-        stop.set()
         prometheus.close()
         for proc in (worker, gateway):
             proc.send_signal(signal.SIGTERM)
