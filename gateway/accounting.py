@@ -120,24 +120,22 @@ class Accountant:
             self._pending[:0] = batch[-self._max_pending:]
 
     async def _write(self, batch: list[RequestOutcome]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for (dataset, connector), args in _aggregate(batch, _by_connector).items():
-            await self._script(keys=[o.stats_key(dataset), o.stats_key(dataset, connector)],
-                               args=args, client=pipe)
-            pipe.sadd(o.connectors_key(dataset), connector)
-        for session_id, args in _aggregate(batch, _by_session).items():
-            key = o.session_stats_key(session_id)
-            await self._script(keys=[key], args=args, client=pipe)
-            pipe.pexpire(key, self._log_age_ms)
-        increments = w.Increments()
-        for outcome in batch:
-            counts = _counts(outcome)
-            increments.add(w.dataset_scope(outcome.dataset), outcome.received_at_ms, counts)
-            if outcome.session_id is not None:
-                increments.add(w.session_scope(outcome.session_id), outcome.received_at_ms,
-                               counts)
-        increments.queue(pipe)
+        # Window buckets take the flush time: outcomes are at most a flush interval old, and
+        # bucketing the aggregates costs per group, not per request.
         now = int(time.time() * 1000)
+        windows = w.Increments()
+        pipe = self._redis.pipeline(transaction=False)
+        for (dataset, connector), (counts, first, last) in _aggregate(batch, _by_connector).items():
+            await self._script(keys=[o.stats_key(dataset), o.stats_key(dataset, connector)],
+                               args=o.account_args(counts, first, last), client=pipe)
+            pipe.sadd(o.connectors_key(dataset), connector)
+            windows.add(w.dataset_scope(dataset), now, counts)
+        for session_id, (counts, first, last) in _aggregate(batch, _by_session).items():
+            key = o.session_stats_key(session_id)
+            await self._script(keys=[key], args=o.account_args(counts, first, last), client=pipe)
+            pipe.pexpire(key, self._log_age_ms)
+            windows.add(w.session_scope(session_id), now, counts)
+        windows.queue(pipe)
         connectors = set()
         for outcome in batch:
             if outcome.replayed:
@@ -176,8 +174,8 @@ def _counts(out: RequestOutcome) -> dict[str, int]:
 
 
 def _aggregate(batch: list[RequestOutcome], group: Callable[[RequestOutcome], Hashable | None]
-               ) -> dict[Any, list[Any]]:
-    """ACCOUNT_SCRIPT arguments per group: first and last event times, then counter pairs."""
+               ) -> dict[Any, list]:
+    """Counts per group, with the first and last receive time of accepted events ('' if none)."""
     totals: dict[Any, list] = {}
     for out in batch:
         key = group(out)
@@ -191,8 +189,7 @@ def _aggregate(batch: list[RequestOutcome], group: Callable[[RequestOutcome], Ha
             ts = out.received_at_ms
             entry[1] = ts if entry[1] == "" else min(entry[1], ts)
             entry[2] = ts if entry[2] == "" else max(entry[2], ts)
-    return {key: [first, last, *(x for pair in counts.items() if pair[1] for x in pair)]
-            for key, (counts, first, last) in totals.items()}
+    return totals
 
 
 def _log_fields(out: RequestOutcome) -> dict[str, Any]:

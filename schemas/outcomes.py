@@ -90,6 +90,12 @@ return 1
 """
 
 
+def account_args(counts: Mapping[str, int], first: int | str, last: int | str) -> list[Any]:
+    """ACCOUNT_SCRIPT's arguments: first and last event times ('' for none), then the
+    non-zero counters as field, increment pairs."""
+    return [first, last, *(x for pair in counts.items() if pair[1] for x in pair)]
+
+
 def processing_status(entry: Mapping[str, Any]) -> str:
     """received, processed, partially failed or failed, from a request's counters."""
     http_status = int(entry.get("http_status", 202))

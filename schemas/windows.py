@@ -50,6 +50,9 @@ WINDOWS = (
     Window("hour", 3_600_000, 60_000),
     Window("day", 86_400_000, 3_600_000),
 )
+_FINEST = WINDOWS[0]
+assert all(w.bucket_ms % _FINEST.bucket_ms == 0 and w.span_ms % w.bucket_ms == 0
+           for w in WINDOWS)
 
 
 def dataset_scope(dataset: str) -> str:
@@ -66,30 +69,38 @@ def bucket_key(scope: str, window: Window, start: int) -> str:
 
 
 class Increments:
-    """Counts to add, gathered per bucket key, queued on a pipeline in one go."""
+    """Counts to add, gathered per bucket key, queued on a pipeline in one go.
+
+    ``add`` only sums into the finest bucket (it runs once per request or batch); the coarser
+    buckets are derived when the increments are read, since each window's bucket is a whole
+    number of the finest ones.
+    """
 
     def __init__(self) -> None:
-        self._buckets: dict[str, tuple[int, Counter]] = {}
+        self._finest: dict[tuple[str, int], Counter] = {}
 
     def add(self, scope: str, ms: int, counts: Mapping[str, int]) -> None:
         """Add ``counts`` at time ``ms`` (epoch ms) to the scope's bucket in every window."""
-        counts = {name: value for name, value in counts.items() if value}
-        if not counts:
-            return
-        for window in WINDOWS:
-            start = window.start(ms)
-            key = bucket_key(scope, window, start)
-            entry = self._buckets.get(key)
-            if entry is None:
-                entry = self._buckets[key] = (window.expires_at(start), Counter())
-            entry[1].update(counts)
+        key = (scope, _FINEST.start(ms))
+        entry = self._finest.get(key)
+        if entry is None:
+            entry = self._finest[key] = Counter()
+        entry.update(counts)
 
     def __iter__(self) -> Iterator[tuple[str, int, Counter]]:
-        for key, (expires_at, counts) in self._buckets.items():
-            yield key, expires_at, counts
-
-    def __bool__(self) -> bool:
-        return bool(self._buckets)
+        buckets: dict[str, tuple[int, Counter]] = {}
+        for (scope, finest), counts in self._finest.items():
+            for window in WINDOWS:
+                start = window.start(finest)
+                key = bucket_key(scope, window, start)
+                entry = buckets.get(key)
+                if entry is None:
+                    entry = buckets[key] = (window.expires_at(start), Counter())
+                entry[1].update(counts)
+        for key, (expires_at, counts) in buckets.items():
+            nonzero = Counter({name: value for name, value in counts.items() if value})
+            if nonzero:
+                yield key, expires_at, nonzero
 
     def queue(self, pipe: Any) -> None:
         """Queue HINCRBY and PEXPIREAT commands on a Redis pipeline (not executed here)."""

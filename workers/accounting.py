@@ -84,12 +84,8 @@ class BatchOutcome:
         pipe = redis.pipeline(transaction=False)
         for (dataset, connector), counts in self.stats.items():
             first, last = self.times.get((dataset, connector), ("", ""))
-            args: list[Any] = [first, last]
-            for name, value in counts.items():
-                if value:
-                    args += [name, value]
             await script(keys=[o.stats_key(dataset), o.stats_key(dataset, connector)],
-                         args=args, client=pipe)
+                         args=o.account_args(counts, first, last), client=pipe)
             pipe.sadd(o.connectors_key(dataset), connector)
             windows.add(w.dataset_scope(dataset), now, counts)
         ttl_ms = log_age_s * 1000
