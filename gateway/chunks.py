@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from gateway.ingest import Answer, IngestRequest, Process
+from gateway.ingest import Answer, IngestRequest, Process, raw_value
 from gateway.payload import parse_items
 from gateway.publisher import Publisher
 from gateway.sessions import Sessions
@@ -33,7 +33,8 @@ def chunk_step(sessions: Sessions, publisher: Publisher, max_reported: int,
             if verdict.valid:
                 meta = RecordMeta(req.request_id, req.principal.key_id, req.received_at_ms,
                                   req.idempotency_key, session_id)
-                await publisher.publish(req.dataset.entry_topic, verdict.valid, meta)
+                await publisher.publish(req.dataset.entry_topic, verdict.valid, meta,
+                                        raw_value(body, req.mime, verdict.invalid))
             counts = (len(items), len(verdict.valid), verdict.invalid)
         finally:
             await sessions.leave(session_id, token, counts)

@@ -19,7 +19,7 @@ from gateway.errors import (
     RateLimited,
     ValidationFailed,
 )
-from gateway.payload import gunzip, parse_items
+from gateway.payload import JSON, gunzip, parse_items
 from gateway.publisher import Publisher
 from schemas import redis_keys
 from schemas.catalogue import Principal
@@ -103,7 +103,8 @@ class Ingestor:
                 errors_truncated=verdict.invalid > len(errors))
         meta = RecordMeta(req.request_id, req.principal.key_id, req.received_at_ms,
                           req.idempotency_key, req.session_id, req.sync_id)
-        await self._publisher.publish(req.dataset.entry_topic, verdict.valid, meta)
+        await self._publisher.publish(req.dataset.entry_topic, verdict.valid, meta,
+                                      raw_value(body, req.mime, verdict.invalid))
         result: dict[str, Any] = {
             "request_id": req.request_id,
             "dataset": req.dataset.id,
@@ -116,6 +117,12 @@ class Ingestor:
             result["rejected_truncated"] = verdict.invalid > len(errors)
         return Answer(202, orjson.dumps(result), headers, accepted=len(verdict.valid),
                       rejected=verdict.invalid, errors=errors)
+
+
+def raw_value(body: bytes, mime: str, invalid: int) -> bytes | None:
+    """The body itself as the record value, when it is JSON (not NDJSON) and every item in
+    it is accepted: the record then holds exactly the accepted items, byte for byte as sent."""
+    return body if mime == JSON and not invalid else None
 
 
 def _fingerprint(req: IngestRequest, body: bytes) -> str:

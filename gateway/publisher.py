@@ -79,14 +79,23 @@ class Publisher:
         if self._producer is not None:
             await self._producer.stop()  # flushes pending batches first
 
-    async def publish(self, topic: str, items: Sequence[Any], meta: RecordMeta) -> int:
-        """Send items as records to ``topic``; return the number of records once all are acked."""
+    async def publish(self, topic: str, items: Sequence[Any], meta: RecordMeta,
+                      raw: bytes | None = None) -> int:
+        """Send items as records to ``topic``; return the number of records once all are acked.
+
+        ``raw``, when given, is the request body that holds exactly ``items`` as JSON (an
+        array or one object): it becomes the record as it is, without encoding the items
+        again, unless it is too large for one record.
+        """
         producer = self._producer
         if producer is None:
             metrics.PUBLISH_ERRORS.labels("not_connected").inc()
             raise BrokerUnavailable("not connected to Kafka yet",
                                     headers={"Retry-After": RETRY_AFTER_S})
-        values = encode_values(items, self._max_record)
+        if raw is not None and len(raw) <= self._max_record:
+            values = [raw]
+        else:
+            values = encode_values(items, self._max_record)
         if len(values) > 1 or len(values[0]) > self._max_record:
             _check_sizes(values, self._max_record)
         started = time.perf_counter()
