@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 import redis
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
@@ -58,6 +59,22 @@ async def test_consume_all_returns_exactly_what_was_produced(kafka):
     assert all(r.topic == topic for r in records)
     assert records == sorted(records, key=lambda r: (r.partition, r.offset))
     assert await consume_all(kafka.bootstrap, topic) == records  # reading changes nothing
+
+
+async def test_consume_all_reads_records_produced_in_one_batch(kafka):
+    """Tansu reports the end of a partition as its last batch's base offset + 1."""
+    topic = new_topic()
+    await create_topics(kafka.bootstrap, [topic], partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=False,
+                                linger_ms=50)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, f"v{n}".encode()) for n in range(5)]
+        assert [m.offset for m in await asyncio.gather(*sent)] == [0, 1, 2, 3, 4]
+    finally:
+        await producer.stop()
+    assert [r.value for r in await consume_all(kafka.bootstrap, topic)] == [
+        b"v0", b"v1", b"v2", b"v3", b"v4"]
 
 
 async def test_consume_all_of_an_empty_or_missing_topic_is_fast(kafka):
