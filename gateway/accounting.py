@@ -68,6 +68,7 @@ class Accountant:
                  log_max_entries: int = o.LOG_MAX_ENTRIES, log_max_age_s: int = o.LOG_MAX_AGE_S):
         self._redis = redis
         self._script = redis.register_script(o.ACCOUNT_SCRIPT)
+        self._log = redis.register_script(o.LOG_SCRIPT)
         self._interval = interval
         self._max_pending = max_pending
         self._log_max = log_max_entries
@@ -136,20 +137,18 @@ class Accountant:
             pipe.pexpire(key, self._log_age_ms)
             windows.add(w.session_scope(session_id), now, counts)
         windows.queue(pipe)
-        connectors = set()
+        # The request log: one script call per connector and flush, not commands per request.
+        by_connector: dict[str, list[RequestOutcome]] = {}
         for outcome in batch:
-            if outcome.replayed:
-                continue
-            key = o.request_key(outcome.request_id)
-            pipe.hset(key, mapping=_log_fields(outcome))
-            pipe.pexpire(key, self._log_age_ms)
-            pipe.zadd(o.connector_log_key(outcome.connector),
-                      {outcome.request_id: outcome.received_at_ms})
-            connectors.add(outcome.connector)
-        for connector in connectors:
-            log_key = o.connector_log_key(connector)
-            pipe.zremrangebyrank(log_key, 0, -(self._log_max + 1))
-            pipe.zremrangebyscore(log_key, "-inf", now - self._log_age_ms)
+            if not outcome.replayed:  # a replay is counted, not logged again
+                by_connector.setdefault(outcome.connector, []).append(outcome)
+        for connector, outcomes in by_connector.items():
+            keys = [o.connector_log_key(connector),
+                    *(o.request_key(connector, out.request_id) for out in outcomes)]
+            entries = orjson.dumps([[out.received_at_ms, out.request_id, _log_fields(out)]
+                                    for out in outcomes])
+            await self._log(keys=keys, args=[self._log_age_ms, self._log_max,
+                                             now - self._log_age_ms, entries], client=pipe)
         await pipe.execute()
 
 
@@ -207,5 +206,5 @@ def _log_fields(out: RequestOutcome) -> dict[str, Any]:
     if out.code:
         fields["code"] = out.code
     if out.errors:
-        fields["errors"] = orjson.dumps(out.errors[: o.MAX_LOGGED_ERRORS])
+        fields["errors"] = orjson.dumps(out.errors[: o.MAX_LOGGED_ERRORS]).decode()
     return fields

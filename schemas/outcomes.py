@@ -51,19 +51,50 @@ def connectors_key(dataset: str) -> str:
     return f"{PREFIX}:connectors:{dataset}"
 
 
-def request_key(request_id: str) -> str:
+# A connector's log and its requests' entries share a hash tag, so one script writes a whole
+# flush of them, also on Redis Cluster.
+def _connector_tag(connector: str) -> str:
+    return f"{{c/{connector}}}"
+
+
+def request_key(connector: str, request_id: str) -> str:
     """Hash of one request's log entry."""
-    return f"{PREFIX}:req:{request_id}"
+    return f"{PREFIX}:req:{_connector_tag(connector)}:{request_id}"
 
 
-def request_errors_key(request_id: str) -> str:
+def request_errors_key(connector: str, request_id: str) -> str:
     """List of error entries the workers met for one request (capped)."""
-    return f"{PREFIX}:req:{request_id}:errors"
+    return f"{PREFIX}:req:{_connector_tag(connector)}:{request_id}:errors"
 
 
 def connector_log_key(connector: str) -> str:
     """Sorted set of a connector's request ids, scored by receive time (epoch ms)."""
-    return f"{PREFIX}:log:{connector}"
+    return f"{PREFIX}:log:{_connector_tag(connector)}"
+
+
+# Writes a batch of one connector's request-log entries in one call.
+# KEYS: the connector's log, then each entry's request hash (in ARGV[4]'s order).
+# ARGV: ttl ms, entries kept, oldest score kept, JSON [[score, request_id, {field: value}]].
+# Integral JSON numbers are written as integers (Lua would print large ones as 1.7e+12).
+LOG_SCRIPT = """
+local ttl = ARGV[1]
+local entries = cjson.decode(ARGV[4])
+for i, entry in ipairs(entries) do
+  local key = KEYS[i + 1]
+  local fields = {}
+  for name, value in pairs(entry[3]) do
+    if type(value) == 'number' then value = string.format('%d', value) end
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+  redis.call('HSET', key, unpack(fields))
+  redis.call('PEXPIRE', key, ttl)
+  redis.call('ZADD', KEYS[1], string.format('%d', entry[1]), entry[2])
+end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[2]) + 1))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+return #entries
+"""
 
 
 # Adds counters to every hash in KEYS and widens its first/last event times.

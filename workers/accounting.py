@@ -25,9 +25,9 @@ class BatchOutcome:
     def __init__(self) -> None:
         self.stats: dict[tuple[str, str], Counter] = defaultdict(Counter)
         self.times: dict[tuple[str, str], list[int]] = {}
-        self.requests: dict[str, Counter] = defaultdict(Counter)
+        self.requests: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (connector, id)
         self.sessions: dict[str, Counter] = defaultdict(Counter)
-        self.errors: dict[str, list[bytes]] = defaultdict(list)
+        self.errors: dict[tuple[str, str], list[bytes]] = defaultdict(list)
 
     def received(self, dataset: str, origin: Origin, events: int) -> None:
         """Events read from a record; counted here only when no gateway counted them."""
@@ -51,8 +51,8 @@ class BatchOutcome:
             metrics.WRITTEN.labels(dataset).inc(took)
             metrics.DUPLICATES.labels(dataset).inc(count - took)
             if rid is not None:
-                self.requests[rid][o.WRITTEN] += took
-                self.requests[rid][o.DUPLICATES] += count - took
+                self.requests[(connector, rid)][o.WRITTEN] += took
+                self.requests[(connector, rid)][o.DUPLICATES] += count - took
             if session_id is not None:
                 self.sessions[session_id][o.WRITTEN] += took
                 self.sessions[session_id][o.DUPLICATES] += count - took
@@ -65,8 +65,9 @@ class BatchOutcome:
         if origin is not None and origin.session_id is not None:
             self.sessions[origin.session_id][o.FAILED] += 1
         if origin is not None and origin.request_id is not None:
-            self.requests[origin.request_id][o.FAILED] += 1
-            self.errors[origin.request_id].append(orjson.dumps(
+            request = (origin.connector, origin.request_id)
+            self.requests[request][o.FAILED] += 1
+            self.errors[request].append(orjson.dumps(
                 {"index": letter.index, "code": letter.code, "message": letter.error}))
 
     def _widen(self, key: tuple[str, str], ms: int) -> None:
@@ -89,14 +90,14 @@ class BatchOutcome:
             pipe.sadd(o.connectors_key(dataset), connector)
             windows.add(w.dataset_scope(dataset), now, counts)
         ttl_ms = log_age_s * 1000
-        for rid, counts in self.requests.items():
-            _add(pipe, o.request_key(rid), counts, ttl_ms)
+        for (connector, rid), counts in self.requests.items():
+            _add(pipe, o.request_key(connector, rid), counts, ttl_ms)
         for session_id, counts in self.sessions.items():
             _add(pipe, o.session_stats_key(session_id), counts, ttl_ms)
             windows.add(w.session_scope(session_id), now, counts)
         windows.queue(pipe)
-        for rid, errors in self.errors.items():
-            key = o.request_errors_key(rid)
+        for (connector, rid), errors in self.errors.items():
+            key = o.request_errors_key(connector, rid)
             pipe.rpush(key, *errors[: o.MAX_LOGGED_ERRORS])
             pipe.ltrim(key, 0, o.MAX_LOGGED_ERRORS - 1)
             pipe.pexpire(key, ttl_ms)

@@ -117,8 +117,9 @@ async def connector_logs(request: web.Request) -> web.Response:
         ids = await state.redis.zrevrange(log_key, start, start + size - 1)
         pipe = state.redis.pipeline(transaction=False)
         for rid in ids:
-            pipe.hgetall(o.request_key(rid.decode()))
-            pipe.lrange(o.request_errors_key(rid.decode()), 0, o.MAX_LOGGED_ERRORS - 1)
+            pipe.hgetall(o.request_key(connector, rid.decode()))
+            pipe.lrange(o.request_errors_key(connector, rid.decode()), 0,
+                        o.MAX_LOGGED_ERRORS - 1)
         results = await pipe.execute()
     except RedisError as exc:
         raise RedisUnavailable(headers={"Retry-After": "1"}) from exc
