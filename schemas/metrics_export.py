@@ -19,7 +19,10 @@ def prepare_multiprocess(name: str) -> None:
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix=f"sluice-{name}-metrics-")
 
 
-def registry():
+WORKER_PREFIX = "sluice_worker_"
+
+
+def _source():
     """This process's registry, or one that sums every process's files."""
     from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -32,11 +35,36 @@ def registry():
     return summed
 
 
-def exposition() -> tuple[bytes, str]:
+class _Side:
+    """Only one side's metrics: both sides import every definition (schemas.metrics), and a
+    metric without labels exists from its definition on, so the gateway would otherwise
+    export the workers' at 0 and the other way round."""
+
+    def __init__(self, source, side: str):
+        self._source = source
+        self._worker = side == "worker"
+
+    def collect(self):
+        for family in self._source.collect():
+            if family.name.startswith(WORKER_PREFIX) == self._worker or (
+                    not family.name.startswith("sluice_")):  # process_*, python_* metrics
+                yield family
+
+
+def registry(side: str):
+    """The registry ``side`` ("gateway" or "worker") serves at /metrics."""
+    from prometheus_client import CollectorRegistry
+
+    served = CollectorRegistry(auto_describe=False)
+    served.register(_Side(_source(), side))
+    return served
+
+
+def exposition(side: str = "gateway") -> tuple[bytes, str]:
     """The current metrics in the text format, and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    return generate_latest(registry()), CONTENT_TYPE_LATEST
+    return generate_latest(registry(side)), CONTENT_TYPE_LATEST
 
 
 def process_exited(pid: int) -> None:

@@ -59,7 +59,7 @@ def _serve_metrics(port: int) -> None:
 
     import schemas.metrics  # noqa: F401 - registers the worker metrics in this process
 
-    start_http_server(port, registry=registry())
+    start_http_server(port, registry=registry("worker"))
 
 
 def cmd_rows(args: argparse.Namespace) -> int:

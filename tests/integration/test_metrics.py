@@ -108,3 +108,18 @@ async def test_worker_metrics_follow_the_batch(gateway, tmp_path):
 
 async def _dead_lettered(now, expected):
     return now("sluice_worker_dead_lettered_total", dataset="sales") == expected
+
+
+async def test_each_side_exports_only_its_own_metrics(gateway):
+    from schemas.metrics_export import exposition
+
+    assert (await gateway.post(orjson.dumps(ITEMS))).status == 202
+    served = await scrape(gateway.client)
+    names = {name for name, _ in served}
+    assert "sluice_http_requests_total" in names and "sluice_gateway_ready" in names
+    assert not [n for n in names if n.startswith("sluice_worker_")]
+    worker = samples(exposition("worker")[0].decode())
+    worker_names = {name for name, _ in worker}
+    assert "sluice_worker_last_commit_timestamp_seconds" in worker_names
+    assert not [n for n in worker_names if n.startswith("sluice_") and
+                not n.startswith("sluice_worker_")]
