@@ -1,10 +1,12 @@
-"""Redis Lua scripts called by many concurrent requests, sent together: one pipeline per tick.
+"""Redis Lua scripts called by many concurrent requests, sent together (group commit).
 
-Every call made while the event loop runs one batch of callbacks goes out in a single
-pipeline at the next turn of the loop, and each caller awaits its own result. Under load
-this turns N round trips (and N times redis-py's per-command work) into one; alone, a call
-costs what it did before. Scripts are sent by SHA; after a Redis restart (NOSCRIPT) they are
-loaded again and the calls that were refused are sent once more (a refused call did not run).
+A call goes out at once, in a pipeline of its own, when no pipeline of this process is in
+flight; calls made while one is in flight wait for it to return and then go out together in
+the next one. Alone, a call costs one round trip, as before; under load the pipelines grow
+with the load, so N calls cost one round trip and far less than N times redis-py's
+per-command work. Each caller awaits its own result. Scripts are sent by SHA; after a Redis
+restart (NOSCRIPT) they are loaded again and the calls that were refused are sent once more
+(a refused call did not run).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ class Script:
 
 
 class ScriptBatcher:
-    def __init__(self, redis: Redis):
+    def __init__(self, redis: Redis, in_flight: int = 1):
         self._redis = redis
         self._pending: list[tuple[Script, list[str], list[Any], asyncio.Future]] = []
         self._tasks: set[asyncio.Task] = set()
+        self._max_in_flight = in_flight
+        self._scheduled = False
 
     def register(self, text: str) -> Script:
         return Script(self, text)
@@ -41,16 +45,29 @@ class ScriptBatcher:
     def call(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._send)
         self._pending.append((script, keys, args, future))
+        self._schedule(loop)
         return future
 
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        # at the end of this turn of the loop, so the calls of this turn go together
+        if not self._scheduled and len(self._tasks) < self._max_in_flight:
+            self._scheduled = True
+            loop.call_soon(self._send)
+
     def _send(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
         batch, self._pending = self._pending, []
         task = asyncio.create_task(self._run(batch))
         self._tasks.add(task)  # keep a reference until it is done
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if self._pending:
+            self._schedule(asyncio.get_running_loop())
 
     async def _run(self, batch: list[tuple[Script, list[str], list[Any], asyncio.Future]]
                    ) -> None:
@@ -86,8 +103,8 @@ class ScriptBatcher:
         return await pipe.execute(raise_on_error=False)
 
     async def close(self) -> None:
-        """Wait for the calls already sent."""
-        if self._pending:
-            self._send()
-        if self._tasks:
+        """Send what waits and wait for every call."""
+        while self._pending or self._tasks:
+            if self._pending and not self._tasks:
+                self._send()
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -44,6 +44,20 @@ async def test_concurrent_calls_share_one_pipeline_and_get_their_own_results(red
     assert batcher.pipelines == before + 1
 
 
+async def test_calls_made_while_a_pipeline_is_in_flight_go_out_together_next(redis):
+    batcher = CountingBatcher(redis)
+    count = batcher.register(COUNT)
+    assert await count(["g"], [0]) == 0  # loads the script
+    before = batcher.pipelines
+    first = count(["g"], [1])
+    for _ in range(3):  # the send is scheduled, then its task starts: now in flight
+        await asyncio.sleep(0)
+    assert batcher.pipelines == before + 1 and not first.done()
+    rest = [count(["g"], [1]) for _ in range(20)]
+    assert sorted(await asyncio.gather(first, *rest)) == list(range(1, 22))
+    assert batcher.pipelines == before + 2
+
+
 async def test_scripts_are_loaded_again_after_a_flush(redis):
     batcher = CountingBatcher(redis)
     count = batcher.register(COUNT)
