@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test test-unit lint fmt clean venv system-deps bench bench-deps
+.PHONY: run test test-unit lint fmt clean venv system-deps bench bench-deps profile
 
 venv: $(STAMP)
 
@@ -46,6 +46,11 @@ bench-deps:
 
 bench: venv system-deps bench-deps
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# py-spy (PyPI) samples the gateway's processes under wrk load: `make profile PROFILE_ARGS=...`
+profile: venv system-deps bench-deps
+	@test -x $(VENV)/bin/py-spy || $(PY) -m pip install --quiet py-spy
+	$(PY) -m bench.profile $(PROFILE_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check gateway schemas workers tests deploy bench

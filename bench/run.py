@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         asyncio.run(create_topics(bench.kafka.bootstrap, [TOPIC, TOPIC + ".dlq", RELAY_TOPIC],
                                   partitions=3))
         wanted = [s for s in SCENARIOS if s in args.scenarios]
-        for kind in ("bare", "relay"):
+        for kind in (k for k in ("bare", "relay") if k in args.targets):
             service, url = bench.reference(kind)
             try:
                 for scenario in wanted:
@@ -170,8 +170,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         _progress(kind, scenario, report["ceilings"][kind][scenario])
             finally:
                 service.stop()
-        report["ceilings"]["raw_producer"] = bench.raw_producer()
-        _progress("raw_producer", "array100", report["ceilings"]["raw_producer"])
+        if "raw" in args.targets:
+            report["ceilings"]["raw_producer"] = bench.raw_producer()
+            _progress("raw_producer", "array100", report["ceilings"]["raw_producer"])
         service, url = bench.gateway()
         try:
             for scenario in wanted:
@@ -263,6 +264,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="server processes")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS),
                         choices=list(SCENARIOS))
+    parser.add_argument("--targets", nargs="*", default=["bare", "relay", "raw"],
+                        choices=["bare", "relay", "raw"],
+                        help="references measured beside the gateway (all, for the record)")
     parser.add_argument("--skip-drain", action="store_true")
     parser.add_argument("--drain-events", type=int, default=1_000_000)
     parser.add_argument("--no-save", action="store_true", help="print only")

@@ -72,13 +72,26 @@ def _labels(request: web.Request) -> tuple[str, str]:
 
 
 @web.middleware
-async def observed(request: web.Request, handler) -> web.StreamResponse:
-    """Request id for the answer and every log line, metrics, and the optional access log."""
+async def edge(request: web.Request, handler) -> web.StreamResponse:
+    """Around every request: its id (on the answer and on every log line), every error
+    rendered once as problem+json, metrics, and the optional access log. One middleware, not
+    several: each level is resumed again at every await of the handler."""
     started = time.perf_counter()
     rid = request[REQUEST_ID] = request_id(request)
     token = logs.REQUEST_ID.set(rid)
     try:
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = problem(exc, rid, request.path)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = problem(_from_http(exc), rid, request.path)
+        except Exception:
+            log.exception("unhandled error")
+            response = problem(InternalError(), rid, request.path)
+        response.headers["X-Request-ID"] = rid
         route, dataset = _labels(request)
         elapsed = time.perf_counter() - started
         metrics.HTTP_DURATION.labels(route).observe(elapsed)
@@ -93,29 +106,11 @@ async def observed(request: web.Request, handler) -> web.StreamResponse:
         logs.REQUEST_ID.reset(token)
 
 
-@web.middleware
-async def problems(request: web.Request, handler) -> web.StreamResponse:
-    rid = request[REQUEST_ID]
-    try:
-        response = await handler(request)
-    except ApiError as exc:
-        response = problem(exc, rid, request.path)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = problem(_from_http(exc), rid, request.path)
-    except Exception:
-        log.exception("unhandled error")
-        response = problem(InternalError(), rid, request.path)
-    response.headers["X-Request-ID"] = rid
-    return response
-
-
 def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Application:
     """Build the application; the catalogue is loaded (and checked) here unless given."""
     if catalogue is None:
         catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
-    app = web.Application(middlewares=[observed, problems],
+    app = web.Application(middlewares=[edge],
                           client_max_size=catalogue.max_request_bytes)
     app[ACCESS_LOG] = settings.access_log
 

@@ -105,7 +105,10 @@ class Publisher:
                 parts = len(values)
                 futures = [await producer.send(topic, v, headers=meta.headers(i, parts))
                            for i, v in enumerate(values)]
-                await asyncio.gather(*futures)
+                if parts == 1:
+                    await futures[0]
+                else:
+                    await asyncio.gather(*futures)
         except TimeoutError as exc:
             metrics.PUBLISH_ERRORS.labels("timeout").inc()
             raise BrokerUnavailable(f"Kafka did not acknowledge within {self._timeout:g} s",

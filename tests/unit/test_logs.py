@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.app import ACCESS_LOG, observed, problems
+from gateway.app import ACCESS_LOG, edge
 from gateway.errors import RateLimited
 from schemas import logs
 
@@ -76,7 +76,7 @@ def captured():
 
 async def test_every_line_logged_while_serving_a_request_carries_its_id(captured):
     """Through the real middleware chain: handler logs, errors, access log lines."""
-    app = web.Application(middlewares=[observed, problems])
+    app = web.Application(middlewares=[edge])
     app[ACCESS_LOG] = True
     work = logging.getLogger("sluice.work")
 
