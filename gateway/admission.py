@@ -1,5 +1,8 @@
 """Admission in one Redis round trip: the key's token bucket and its Idempotency-Key claim.
 
+The requests of one ingest key on one dataset that arrive together are admitted by one
+script call (and their answers stored by one): the cost in Redis is per group, not per request.
+
 Idempotency follows Stripe's semantics (and the IETF httpapi draft): the first request with a
 key claims it as *pending*; when it ends with a 2xx its answer is stored for the retention
 window and replayed to later requests with the same body; a different body gets 422, a
@@ -11,58 +14,99 @@ claim expires after the lock TTL, so a crashed process never blocks a key for go
 from __future__ import annotations
 
 import logging
+from asyncio import Future
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from gateway.errors import RedisUnavailable
-from gateway.scripts import ScriptBatcher
+from gateway.scripts import Coalescer, ScriptBatcher
 from schemas import metrics
 from schemas.dataset import RateLimit
+from schemas.redis_keys import hash_tag
 
 log = logging.getLogger(__name__)
 
+# Admits every request of one ingest key on one dataset that arrived in one turn of the
+# event loop, in order: one script call, one read and one write of the token bucket.
+# KEYS: the rate bucket, then the Idempotency-Key records of the requests that have one.
+# ARGV: rate/s (0: no limit), burst, lock TTL ms, then per request: the index in KEYS of its
+# Idempotency-Key record (0 for none), its fingerprint, its owner (request id).
+# Returns per request {verdict, remaining, reset_ms[, stored answer]} (Verdict below).
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local remaining = -1
-local reset_ms = 0
+local tokens = 0
 if rate > 0 then
   local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-  local tokens = tonumber(b[1]) or burst
+  tokens = tonumber(b[1]) or burst
   local ts = tonumber(b[2]) or now
   tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
-  if tokens < 1 then
-    return {0, 0, math.ceil((1 - tokens) * 1000 / rate)}
+end
+local taken = false
+local out = {}
+for i = 1, (#ARGV - 3) / 3 do
+  local remaining = -1
+  local reset_ms = 0
+  local limited = false
+  if rate > 0 then
+    if tokens < 1 then
+      out[i] = {0, 0, math.ceil((1 - tokens) * 1000 / rate)}
+      limited = true
+    else
+      tokens = tokens - 1
+      taken = true
+      remaining = math.floor(tokens)
+      reset_ms = math.ceil((burst - tokens) * 1000 / rate)
+    end
   end
-  tokens = tokens - 1
+  if not limited then
+    local k = tonumber(ARGV[3 * i + 1])
+    if k == 0 then
+      out[i] = {1, remaining, reset_ms}
+    else
+      local key = KEYS[k]
+      local cur = redis.call('HMGET', key, 'fp', 'state', 'resp')
+      if not cur[1] then
+        redis.call('HSET', key, 'fp', ARGV[3 * i + 2], 'state', 'pending', 'owner', ARGV[3 * i + 3])
+        redis.call('PEXPIRE', key, ARGV[3])
+        out[i] = {1, remaining, reset_ms}
+      elseif cur[1] ~= ARGV[3 * i + 2] then
+        out[i] = {3, remaining, reset_ms}
+      elseif cur[2] == 'pending' then
+        out[i] = {2, remaining, reset_ms}
+      else
+        out[i] = {4, remaining, reset_ms, cur[3]}
+      end
+    end
+  end
+end
+if taken then
   redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
   redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-  remaining = math.floor(tokens)
-  reset_ms = math.ceil((burst - tokens) * 1000 / rate)
 end
-if #KEYS < 2 then return {1, remaining, reset_ms} end
-local cur = redis.call('HMGET', KEYS[2], 'fp', 'state', 'resp')
-if not cur[1] then
-  redis.call('HSET', KEYS[2], 'fp', ARGV[3], 'state', 'pending', 'owner', ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-  return {1, remaining, reset_ms}
-end
-if cur[1] ~= ARGV[3] then return {3, remaining, reset_ms} end
-if cur[2] == 'pending' then return {2, remaining, reset_ms} end
-return {4, remaining, reset_ms, cur[3]}
+return out
 """
 
+# Stores the answers of requests that share a hash tag; a record whose owner changed (its
+# claim expired and another request took it) is left alone.
+# KEYS: Idempotency-Key records. ARGV: retention ms, then per key: owner, stored answer.
 _COMPLETE = """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'state', 'done', 'resp', ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return 1
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('HGET', key, 'owner') == ARGV[2 * i] then
+    redis.call('HSET', key, 'state', 'done', 'resp', ARGV[2 * i + 1])
+    redis.call('PEXPIRE', key, ARGV[1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
-return 0
+return out
 """
 
 _RELEASE = """
@@ -98,18 +142,32 @@ class Admitter:
         self._release = scripts.register(_RELEASE)
         self._lock_ttl_ms = lock_ttl_s * 1000
         self._retention_ms = retention_s * 1000
+        self._admits = Coalescer(self._send_admits)
+        self._completes = Coalescer(self._send_completes)
 
     async def admit(self, bucket: str, rate: RateLimit, idem_key: str | None,
                     fingerprint: str, owner: str) -> Admission:
-        keys = [bucket] if idem_key is None else [bucket, idem_key]
-        args = [rate.requests_per_second, rate.burst, fingerprint, owner, self._lock_ttl_ms]
+        """``idem_key`` must share ``bucket``'s hash tag (schemas.redis_keys builds both)."""
         try:
-            result = await self._admit(keys, args)
+            result = await self._admits((bucket, rate.requests_per_second, rate.burst),
+                                        (idem_key, fingerprint, owner))
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("admit").inc()
             raise RedisUnavailable(headers={"Retry-After": "1"}) from exc
         replay = result[3] if len(result) > 3 else None
         return Admission(Verdict(result[0]), int(result[1]), int(result[2]), replay)
+
+    def _send_admits(self, group: tuple[str, float, int], calls: list[tuple]) -> Future:
+        bucket, rate, burst = group
+        keys = [bucket]
+        args: list[Any] = [rate, burst, self._lock_ttl_ms]
+        for idem_key, fingerprint, owner in calls:
+            if idem_key is None:
+                args += (0, "", owner)
+            else:
+                keys.append(idem_key)
+                args += (len(keys), fingerprint, owner)
+        return self._admit(keys, args)
 
     async def complete(self, idem_key: str, owner: str, status: int, body: bytes) -> bool:
         """Store the answer for replay; False if it could not be stored.
@@ -121,11 +179,17 @@ class Admitter:
         """
         stored = str(status).encode() + body
         try:
-            return bool(await self._complete([idem_key], [owner, stored, self._retention_ms]))
+            return bool(await self._completes(hash_tag(idem_key), (idem_key, owner, stored)))
         except RedisError:
             metrics.REDIS_ERRORS.labels("complete").inc()
             log.warning("could not store an idempotent answer; its claim will expire")
             return False
+
+    def _send_completes(self, _tag: str, calls: list[tuple[str, str, bytes]]) -> Future:
+        args: list[Any] = [self._retention_ms]
+        for _, owner, stored in calls:
+            args += (owner, stored)
+        return self._complete([key for key, _, _ in calls], args)
 
     async def release(self, idem_key: str, owner: str) -> None:
         """Drop our pending claim so a retry is processed; best effort (it expires anyway)."""

@@ -7,12 +7,17 @@ with the load, so N calls cost one round trip and far less than N times redis-py
 per-command work. Each caller awaits its own result. Scripts are sent by SHA; after a Redis
 restart (NOSCRIPT) they are loaded again and the calls that were refused are sent once more
 (a refused call did not run).
+
+A Coalescer goes further for calls that one script can serve together: the calls of one turn
+of the loop that share a group (on Redis Cluster: keys with the same hash tag) become one
+script call, which answers each of them; Redis then runs one script, not one per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -108,3 +113,62 @@ class ScriptBatcher:
             if self._pending and not self._tasks:
                 self._send()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Coalescer:
+    """Calls made in one turn of the event loop with the same group go out as one call.
+
+    ``send(group, items)`` makes that call at once and returns a future of one result per
+    item, in order (a Script call, usually). Each caller awaits its own result; a failure of
+    the call fails every caller of its group.
+    """
+
+    def __init__(self, send: Callable[[Hashable, list[Any]], asyncio.Future]):
+        self._send = send
+        self._groups: dict[Hashable, list[tuple[Any, asyncio.Future]]] = {}
+
+    def __call__(self, group: Hashable, item: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._groups:
+            loop.call_soon(self._flush)
+        calls = self._groups.get(group)
+        if calls is None:
+            self._groups[group] = [(item, future)]
+        else:
+            calls.append((item, future))
+        return future
+
+    def _flush(self) -> None:
+        groups, self._groups = self._groups, {}
+        for group, calls in groups.items():
+            try:
+                sent = self._send(group, [item for item, _ in calls])
+            except Exception as exc:  # building the call failed: every caller learns why
+                _fail(calls, exc)
+                continue
+            sent.add_done_callback(lambda done, calls=calls: _settle(calls, done))
+
+
+def _settle(calls: list[tuple[Any, asyncio.Future]], done: asyncio.Future) -> None:
+    if done.cancelled():
+        for _, future in calls:
+            future.cancel()
+        return
+    error = done.exception()
+    if error is not None:
+        _fail(calls, error)
+        return
+    results = done.result()
+    if isinstance(results, Exception):
+        _fail(calls, results)
+        return
+    for (_, future), result in zip(calls, results, strict=True):
+        if not future.done():  # the caller gave up (cancelled)
+            future.set_result(result)
+
+
+def _fail(calls: list[tuple[Any, asyncio.Future]], error: BaseException) -> None:
+    for _, future in calls:
+        if not future.done():
+            future.set_exception(error)

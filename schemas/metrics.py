@@ -10,7 +10,28 @@ multi-process mode when it is first imported (gateway.cli and workers.cli take c
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import Counter, Gauge, Histogram, values
+
+# In multi-process mode every increment first asks which process it runs in (a value written
+# before a fork must not be shared with the child): os.getpid() is a system call, about a dozen
+# per request. The pid is read once here and again in each forked child instead.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+def _process_id() -> int:
+    return _pid
+
+
+os.register_at_fork(after_in_child=_forked)
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BYTES = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)

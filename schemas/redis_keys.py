@@ -13,6 +13,13 @@ def _tag(dataset: str, key_id: str) -> str:
     return f"{{{dataset}/{key_id}}}"
 
 
+def hash_tag(key: str) -> str:
+    """The part of a key Redis Cluster hashes: the first {...}, or the whole key."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start:end + 1] if start >= 0 and end > start + 1 else key
+
+
 def rate_bucket_key(dataset: str, key_id: str) -> str:
     return f"{PREFIX}:rate:{_tag(dataset, key_id)}"
 

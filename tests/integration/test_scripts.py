@@ -1,4 +1,5 @@
-"""Batched Lua script calls against a real Redis: one pipeline per tick, NOSCRIPT, failures."""
+"""Batched Lua script calls against a real Redis: one pipeline per tick, NOSCRIPT, failures;
+coalesced calls (one script call per group and tick), and the admission built on them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.scripts import ScriptBatcher
+from gateway.admission import Admitter, Verdict
+from gateway.scripts import Coalescer, ScriptBatcher
+from schemas import redis_keys
+from schemas.dataset import RateLimit
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +94,91 @@ async def test_redis_down_fails_every_caller(own_redis):
         assert await count(["d"], [1]) == 1  # a fresh (empty) Redis: works again
     finally:
         await client.aclose()
+
+
+# Adds ARGV[i] to KEYS[1] for every i, answering each running total: a script serving many calls.
+ADD_ALL = """
+local out = {}
+for i, n in ipairs(ARGV) do out[i] = redis.call('INCRBY', KEYS[1], n) end
+return out
+"""
+
+
+async def test_coalesced_calls_of_one_group_are_one_script_call(redis):
+    batcher = CountingBatcher(redis)
+    add_all = batcher.register(ADD_ALL)
+    sent: list[tuple[str, list[int]]] = []
+
+    def send(group, items):
+        sent.append((group, items))
+        return add_all([group], items)
+
+    add = Coalescer(send)
+    assert await add("c:{a}", 0) == 0  # loads the script
+    sent.clear()
+    before = batcher.pipelines
+    results = await asyncio.gather(*(add("c:{a}", 1) for _ in range(10)),
+                                   *(add("c:{b}", 10) for _ in range(3)))
+    assert results == [*range(1, 11), 10, 20, 30]  # each caller its own answer, in order
+    assert sorted(sent) == [("c:{a}", [1] * 10), ("c:{b}", [10] * 3)]
+    assert batcher.pipelines == before + 1  # and both groups in one pipeline
+
+
+async def test_a_failed_coalesced_call_fails_every_caller_of_its_group_only(redis):
+    batcher = ScriptBatcher(redis)
+    add_all, fail = batcher.register(ADD_ALL), batcher.register(FAIL)
+    add = Coalescer(lambda group, items: (fail([], ["g"]) if group == "bad"
+                                          else add_all([group], items)))
+    results = await asyncio.gather(add("bad", 1), add("bad", 2), add("f", 3),
+                                   return_exceptions=True)
+    assert [type(r) for r in results[:2]] == [ResponseError, ResponseError]
+    assert results[2] == 3
+
+    def broken(group, items):
+        raise ValueError("cannot build the call")
+
+    with pytest.raises(ValueError):
+        await Coalescer(broken)("x", 1)
+
+
+class CountingAdmitter(Admitter):
+    calls = 0
+
+    def _send_admits(self, group, calls):
+        self.calls += 1
+        return super()._send_admits(group, calls)
+
+
+async def test_a_burst_of_one_key_is_admitted_by_one_call_in_arrival_order(redis):
+    await redis.flushdb()
+    admitter = CountingAdmitter(ScriptBatcher(redis), lock_ttl_s=30, retention_s=60)
+    bucket = redis_keys.rate_bucket_key("ds", "k1")
+    idem = redis_keys.idempotency_key("ds", "k1", "same")
+    rate = RateLimit(requests_per_second=1, burst=10)
+    # 12 distinct requests, then 3 with one Idempotency-Key, all in one turn of the loop
+    admissions = await asyncio.gather(
+        *(admitter.admit(bucket, rate, None, "", f"r{i}") for i in range(7)),
+        *(admitter.admit(bucket, rate, idem, "fp", f"d{i}") for i in range(3)),
+        *(admitter.admit(bucket, rate, None, "", f"late{i}") for i in range(2)))
+    assert admitter.calls == 1
+    verdicts = [a.verdict for a in admissions]
+    assert verdicts == [Verdict.PROCEED] * 8 + [Verdict.IN_FLIGHT] * 2 + [
+        Verdict.RATE_LIMITED] * 2  # the burst of 10 taken in arrival order, then limited
+    assert [a.remaining for a in admissions[:10]] == list(range(9, -1, -1))
+    assert admissions[-1].reset_ms > 0
+    assert await redis.hget(idem, "owner") == b"d0"
+    # completes of one tag together; an answer stored only by its owner
+    stored = await asyncio.gather(admitter.complete(idem, "d0", 202, b'{"ok":1}'),
+                                  admitter.complete(idem, "d1", 202, b'{"ok":2}'))
+    assert stored == [True, False]
+    replay = await admitter.admit(bucket, RateLimit(0, 0), idem, "fp", "again")
+    assert replay.verdict is Verdict.REPLAY and replay.replay == b'202{"ok":1}'
+    other = await admitter.admit(bucket, RateLimit(0, 0), idem, "other", "again")
+    assert other.verdict is Verdict.BODY_MISMATCH
+
+
+def test_hash_tags():
+    assert redis_keys.hash_tag(redis_keys.idempotency_key("ds", "k", "t")) == "{ds/k}"
+    assert redis_keys.hash_tag(redis_keys.rate_bucket_key("ds", "k")) == "{ds/k}"
+    assert redis_keys.hash_tag("plain") == "plain"
+    assert redis_keys.hash_tag("a{}b") == "a{}b"  # an empty tag does not count
