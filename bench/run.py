@@ -1,12 +1,14 @@
 """`make bench`: the gateway under wrk load beside its ceilings, latency at a constant rate,
 and how fast the workers drain a backlog; one table, and JSON in bench/results/.
 
-    python -m bench.run [--seconds 10] [--processes 2] [--skip-drain] [--drain-events 1000000]
+    python -m bench.run [--seconds 10] [--rounds 3] [--processes 2] [--targets bare relay raw]
+                        [--scenarios ...] [--skip-drain] [--drain-events 1000000] [--no-save]
 
 Everything runs on this machine: a redis-server and a Tansu broker of its own on free ports,
 the gateway (`sluice serve`), the references (bench/references.py), wrk, the workers and the
 machine's PostgreSQL (started if it is down). Each target gets the same broker, process
-count and load, so the ratios compare like with like within one run.
+count and load, and the targets take turns (each keeps its median round), so the ratios
+compare like with like within one run.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bench.drain import drain
 from bench.kafka import produce
 from bench.machine import describe
 from bench.procs import ROOT, Service, start, wait_http
+from bench.soak import soak
 from schemas.keys import new_key
 from tests.services import RedisServer, TansuBroker, create_topics, free_port
 
@@ -154,37 +157,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     bench = Bench(args, work)
     report: dict[str, Any] = {"machine": describe(args.processes), "seconds": args.seconds,
-                              "scenarios": {}, "ceilings": {"bare": {}, "relay": {}},
+                              "rounds": args.rounds, "scenarios": {},
+                              "ceilings": {"bare": {}, "relay": {}},
                               "ratio_to_ceiling": {}, "ratio_to_http": {}}
+    services: dict[str, tuple[Service, str]] = {}
     try:
         asyncio.run(create_topics(bench.kafka.bootstrap, [TOPIC, TOPIC + ".dlq", RELAY_TOPIC],
                                   partitions=3))
-        wanted = [s for s in SCENARIOS if s in args.scenarios]
+        # Every target runs from the start (idle ones cost nothing) and each scenario is
+        # measured in rounds that alternate the targets, keeping each target's median round:
+        # a machine that slows down or speeds up during the run moves all of them alike.
         for kind in (k for k in ("bare", "relay") if k in args.targets):
-            service, url = bench.reference(kind)
-            try:
-                for scenario in wanted:
-                    if scenario != "gzip100":  # the references do not inflate gzip
-                        report["ceilings"][kind][scenario] = bench.load(service, url, scenario,
-                                                                        auth=False)
-                        _progress(kind, scenario, report["ceilings"][kind][scenario])
-            finally:
-                service.stop()
+            services[kind] = bench.reference(kind)
+        services["gateway"] = bench.gateway()
+        wanted = [s for s in SCENARIOS if s in args.scenarios]
+        for scenario in wanted:
+            rounds: dict[str, list[dict[str, Any]]] = {}
+            for _ in range(args.rounds):
+                for kind, (service, url) in services.items():
+                    if kind != "gateway" and scenario == "gzip100":
+                        continue  # the references do not inflate gzip
+                    rounds.setdefault(kind, []).append(
+                        bench.load(service, url, scenario, auth=kind == "gateway"))
+            for kind, results in rounds.items():
+                chosen = _median(results)
+                target = (report["scenarios"] if kind == "gateway"
+                          else report["ceilings"][kind])
+                target[scenario] = chosen
+                _progress(kind, scenario, chosen)
         if "raw" in args.targets:
             report["ceilings"]["raw_producer"] = bench.raw_producer()
             _progress("raw_producer", "array100", report["ceilings"]["raw_producer"])
-        service, url = bench.gateway()
-        try:
-            for scenario in wanted:
-                report["scenarios"][scenario] = bench.load(service, url, scenario)
-                _progress("gateway", scenario, report["scenarios"][scenario])
-            if "array100" in report["scenarios"]:
-                half = report["scenarios"]["array100"]["requests_per_s"] / 2
-                report["latency_at_half_max"] = {"rate_requests_per_s": round(half),
-                                                 **bench.load(service, url, "array100", rate=half)}
-                _progress("gateway paced", "array100", report["latency_at_half_max"])
-        finally:
+        if "array100" in report["scenarios"]:
+            service, url = services["gateway"]
+            half = report["scenarios"]["array100"]["requests_per_s"] / 2
+            report["latency_at_half_max"] = {"rate_requests_per_s": round(half),
+                                             **bench.load(service, url, "array100", rate=half)}
+            _progress("gateway paced", "array100", report["latency_at_half_max"])
+            if args.soak:
+                body = bench.bodies["array100"][0]
+                report["soak"] = soak(service, url, body, bench.key, half, args.soak,
+                                      bench.kafka.bootstrap, bench.redis.url,
+                                      bench.work / "catalogue", bench.work)
+                print(f"  soak: RSS growth gateway {report['soak']['gateway']['growth']:+.1%}, "
+                      f"workers {report['soak']['workers']['growth']:+.1%}", flush=True)
+        for service, _ in services.values():
             service.stop()
+        services.clear()
         for scenario, result in report["scenarios"].items():
             relay = report["ceilings"]["relay"].get(scenario)
             bare = report["ceilings"]["bare"].get(scenario)
@@ -200,9 +219,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["drain_events_per_s"] = {store: d["events_per_s"]
                                             for store, d in report["drain"].items()}
     finally:
+        for service, _ in services.values():
+            service.stop()
         bench.close()
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median events/s (the lower middle of an even count), with every
+    round's events/s beside it."""
+    ordered = sorted(results, key=lambda r: r["events_per_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rounds_events_per_s"] = [r["events_per_s"] for r in results]
+    return chosen
 
 
 def _progress(target: str, scenario: str, result: dict[str, Any]) -> None:
@@ -241,6 +271,13 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{scenario:<11} ratio_to_ceiling (relay) "
                      f"{report['ratio_to_ceiling'].get(scenario, '-')}, "
                      f"ratio_to_http (bare) {report['ratio_to_http'].get(scenario, '-')}")
+    soaked = report.get("soak")
+    if soaked:
+        lines.append(f"soak {soaked['seconds']:g} s at {soaked['rate_requests_per_s']} req/s: "
+                     + ", ".join(f"{side} RSS {soaked[side]['first_mib']} -> "
+                                 f"{soaked[side]['last_mib']} MiB (max {soaked[side]['max_mib']})"
+                                 for side in ("gateway", "workers"))
+                     + f", {soaked.get('errors', '?')} errors")
     for store, d in report.get("drain", {}).items():
         lines.append(f"drain {store:<11} {d['events_per_s']:>9,} events/s; {d['events']:,} events "
                      f"in {d['seconds']:.1f} s from worker start "
@@ -261,6 +298,8 @@ def save(report: dict[str, Any]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="each measured run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measured runs per target and scenario, alternating targets")
     parser.add_argument("--processes", type=int, default=2, help="server processes")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS),
                         choices=list(SCENARIOS))
@@ -268,6 +307,10 @@ def main() -> None:
                         choices=["bare", "relay", "raw"],
                         help="references measured beside the gateway (all, for the record)")
     parser.add_argument("--skip-drain", action="store_true")
+    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                        help="also run the gateway at half its maximum, with workers storing "
+                             "into PostgreSQL, this long, sampling RSS (600 for the issue's "
+                             "10-minute bar)")
     parser.add_argument("--drain-events", type=int, default=1_000_000)
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()

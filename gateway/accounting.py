@@ -64,7 +64,9 @@ class RequestOutcome:
 
 
 class Accountant:
-    def __init__(self, redis: Redis, interval: float = 0.2, max_pending: int = 50_000,
+    # Often and small: a flush of one interval's outcomes runs on the event loop, so its
+    # length adds to the latency of the requests waiting behind it (p99 15 -> 10 ms at 0.05 s).
+    def __init__(self, redis: Redis, interval: float = 0.05, max_pending: int = 50_000,
                  log_max_entries: int = o.LOG_MAX_ENTRIES, log_max_age_s: int = o.LOG_MAX_AGE_S):
         self._redis = redis
         self._script = redis.register_script(o.ACCOUNT_SCRIPT)

@@ -1,0 +1,62 @@
+"""Memory over a long run: the gateway under constant load with the workers storing into
+PostgreSQL behind it, RSS of each side sampled every few seconds.
+
+RSS is compared after a warm-up (allocators and caches settle in the first minute): the
+issue's bar is that neither side grows by more than 10 % over the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import load
+from bench.drain import _fresh_database
+from bench.procs import Service, start
+
+WARMUP_S = 60.0
+SAMPLE_S = 10.0
+
+
+def soak(gateway: Service, url: str, body: Path, key: str, rate: float, seconds: float,
+         bootstrap: str, redis_url: str, catalogue: Path, work: Path) -> dict[str, Any]:
+    storage = asyncio.run(_fresh_database(f"sluice_soak_{int(time.time())}"))
+    workers = start("workers-soak", ["-m", "workers", "run"], {
+        "STORAGE_URL": storage, "SLUICE_CATALOGUE_DIR": str(catalogue),
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
+        "REDIS_URL": redis_url, "WORKER_GROUP_ID": f"soak-{int(time.time())}",
+        "WORKER_PROCESSES": "1", "WORKER_METRICS_PORT": "0", "SLUICE_LOG_LEVEL": "WARNING",
+    }, work / "logs")
+    outcome: dict[str, Any] = {}
+    loader = threading.Thread(target=lambda: outcome.update(result=load.run(
+        url, body, seconds=seconds, key=key, rate=rate)))
+    samples: list[dict[str, float]] = []
+    started = time.monotonic()
+    loader.start()
+    try:
+        while loader.is_alive():
+            time.sleep(SAMPLE_S)
+            workers.refresh()
+            samples.append({"t": round(time.monotonic() - started),
+                            "gateway_mib": round(gateway.rss() / 2**20, 1),
+                            "workers_mib": round(workers.rss() / 2**20, 1)})
+        loader.join()
+    finally:
+        workers.stop()
+    settled = [s for s in samples if s["t"] >= WARMUP_S] or samples
+    report: dict[str, Any] = {"seconds": seconds, "rate_requests_per_s": round(rate),
+                              "warmup_s": WARMUP_S, "samples": samples}
+    for side in ("gateway_mib", "workers_mib"):
+        values = [s[side] for s in settled]
+        report[side.removesuffix("_mib")] = {
+            "first_mib": values[0], "last_mib": values[-1], "min_mib": min(values),
+            "max_mib": max(values),
+            "growth": round((values[-1] - values[0]) / values[0], 3) if values[0] else None}
+    result = outcome.get("result")
+    if result is not None:
+        report.update(requests_per_s=round(result.requests_per_s, 1), errors=result.errors,
+                      p99_ms=result.p99_ms)
+    return report
