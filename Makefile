@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test test-unit lint fmt clean venv system-deps bench bench-deps profile
+.PHONY: run test test-unit lint fmt clean venv system-deps bench bench-deps profile soak
 
 venv: $(STAMP)
 
@@ -46,6 +46,10 @@ bench-deps:
 
 bench: venv system-deps bench-deps
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Gateway and worker RSS over 10 minutes of constant load (bench/soak.py)
+soak: venv system-deps bench-deps
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 # py-spy (PyPI) samples the gateway's processes under wrk load: `make profile PROFILE_ARGS=...`
 profile: venv system-deps bench-deps

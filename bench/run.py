@@ -31,7 +31,6 @@ from bench.drain import drain
 from bench.kafka import produce
 from bench.machine import describe
 from bench.procs import ROOT, Service, start, wait_http
-from bench.soak import soak
 from schemas.keys import new_key
 from tests.services import RedisServer, TansuBroker, create_topics, free_port
 
@@ -194,13 +193,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["latency_at_half_max"] = {"rate_requests_per_s": round(half),
                                              **bench.load(service, url, "array100", rate=half)}
             _progress("gateway paced", "array100", report["latency_at_half_max"])
-            if args.soak:
-                body = bench.bodies["array100"][0]
-                report["soak"] = soak(service, url, body, bench.key, half, args.soak,
-                                      bench.kafka.bootstrap, bench.redis.url,
-                                      bench.work / "catalogue", bench.work)
-                print(f"  soak: RSS growth gateway {report['soak']['gateway']['growth']:+.1%}, "
-                      f"workers {report['soak']['workers']['growth']:+.1%}", flush=True)
         for service, _ in services.values():
             service.stop()
         services.clear()
@@ -236,8 +228,11 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _progress(target: str, scenario: str, result: dict[str, Any]) -> None:
+    rounds = result.get("rounds_events_per_s")
     print(f"  {target:<14} {scenario:<10} {result.get('events_per_s', 0):>11,} events/s "
-          f"p99 {result.get('p99_ms', float('nan')):.1f} ms", flush=True)
+          f"p99 {result.get('p99_ms', float('nan')):.1f} ms"
+          + (f"  (rounds: {', '.join(f'{r:,}' for r in rounds)})" if rounds else ""),
+          flush=True)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -271,13 +266,6 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{scenario:<11} ratio_to_ceiling (relay) "
                      f"{report['ratio_to_ceiling'].get(scenario, '-')}, "
                      f"ratio_to_http (bare) {report['ratio_to_http'].get(scenario, '-')}")
-    soaked = report.get("soak")
-    if soaked:
-        lines.append(f"soak {soaked['seconds']:g} s at {soaked['rate_requests_per_s']} req/s: "
-                     + ", ".join(f"{side} RSS {soaked[side]['first_mib']} -> "
-                                 f"{soaked[side]['last_mib']} MiB (max {soaked[side]['max_mib']})"
-                                 for side in ("gateway", "workers"))
-                     + f", {soaked.get('errors', '?')} errors")
     for store, d in report.get("drain", {}).items():
         lines.append(f"drain {store:<11} {d['events_per_s']:>9,} events/s; {d['events']:,} events "
                      f"in {d['seconds']:.1f} s from worker start "
@@ -285,12 +273,14 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save(report: dict[str, Any]) -> Path:
+def save(report: dict[str, Any], kind: str = "") -> Path:
+    """``<kind->latest.json`` and a dated copy named after the time and the commit."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-    (RESULTS / "latest.json").write_bytes(text)
+    prefix = f"{kind}-" if kind else ""
+    (RESULTS / f"{prefix}latest.json").write_bytes(text)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M")
-    dated = RESULTS / f"{stamp}-{report['machine']['commit'][:8]}.json"
+    dated = RESULTS / f"{prefix}{stamp}-{report['machine']['commit'][:8]}.json"
     dated.write_bytes(text)
     return dated
 
@@ -307,10 +297,6 @@ def main() -> None:
                         choices=["bare", "relay", "raw"],
                         help="references measured beside the gateway (all, for the record)")
     parser.add_argument("--skip-drain", action="store_true")
-    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
-                        help="also run the gateway at half its maximum, with workers storing "
-                             "into PostgreSQL, this long, sampling RSS (600 for the issue's "
-                             "10-minute bar)")
     parser.add_argument("--drain-events", type=int, default=1_000_000)
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()
