@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--bootstrap")
     parser.add_argument("--topic")
-    parser.add_argument("--linger-ms", type=int, default=2)
+    parser.add_argument("--linger-ms", type=int, default=0)
     args = parser.parse_args()
 
     def child() -> None:

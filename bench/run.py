@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import platform
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from bench.drain import drain
 from bench.kafka import produce
 from bench.machine import describe
 from bench.procs import ROOT, Service, start, wait_http
+from gateway.config import Settings
 from schemas.keys import new_key
 from tests.services import RedisServer, TansuBroker, create_topics, free_port
 
@@ -75,6 +77,8 @@ class Bench:
         self.kafka = TansuBroker().start()
         self.infra = {"broker": self.kafka.proc.pid, "redis": self.redis.proc.pid}
         self.bodies = write_bodies(work)
+        # the gateway's producer setting, given to the relay too: the same batching for both
+        self.linger_ms = Settings.from_env(os.environ).kafka_linger_ms
 
     def close(self) -> None:
         self.kafka.close()
@@ -91,15 +95,16 @@ class Bench:
             "SLUICE_PROCESSES": str(self.args.processes),
             "SLUICE_CATALOGUE_DIR": str(catalogue), "REDIS_URL": self.redis.url,
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
-            "SLUICE_LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(self.work / "prom"),
+            "KAFKA_LINGER_MS": str(self.linger_ms), "SLUICE_LOG_LEVEL": "WARNING",
+            "PROMETHEUS_MULTIPROC_DIR": str(self.work / "prom"),
         }, self.logs)
         wait_http(service, f"http://127.0.0.1:{port}/readyz")
         return service, f"http://127.0.0.1:{port}{PATH}"
 
     def reference(self, kind: str) -> tuple[Service, str]:
         port = free_port()
-        extra = (["--bootstrap", self.kafka.bootstrap, "--topic", RELAY_TOPIC]
-                 if kind == "relay" else [])
+        extra = (["--bootstrap", self.kafka.bootstrap, "--topic", RELAY_TOPIC,
+                  "--linger-ms", str(self.linger_ms)] if kind == "relay" else [])
         service = start(kind, ["-m", "bench.references", kind, "--port", str(port),
                                "--processes", str(self.args.processes), *extra], {}, self.logs)
         wait_http(service, f"http://127.0.0.1:{port}/", status=405)

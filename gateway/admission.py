@@ -133,6 +133,13 @@ class Admission:
     replay: bytes | None = None  # the stored answer: 3-digit status then the body
 
 
+def _completed(sent: Future) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        metrics.REDIS_ERRORS.labels("complete").inc()
+        log.warning("could not store an idempotent answer (%s); its claim will expire",
+                    type(sent.exception()).__name__)
+
+
 class Admitter:
     """Runs the admission, completion and release scripts, batched with concurrent calls."""
 
@@ -169,21 +176,21 @@ class Admitter:
                 args += (len(keys), fingerprint, owner)
         return self._admit(keys, args)
 
-    async def complete(self, idem_key: str, owner: str, status: int, body: bytes) -> bool:
-        """Store the answer for replay; False if it could not be stored.
+    def complete(self, idem_key: str, owner: str, status: int, body: bytes) -> Future:
+        """Store the answer for replay, without holding up the answer itself: the records are
+        durable, so the client gets its 202 now and the answer is stored with the next
+        pipeline (the future says 1 if it was stored, 0 if the claim is no longer ours).
 
-        Never raises: by now the records are durable and the client must get its 202. If the
-        answer is not stored, the pending claim expires after the lock TTL and a later retry
-        publishes again (workers drop the duplicate by event id, item key or the
-        idempotency-key header).
+        Until it lands, a retry finds the claim pending (409, never a second publish). This
+        process's later calls go out after it on the same connection, so a retry it serves
+        sees the stored answer. It never fails the request: if the answer cannot be stored,
+        the claim expires after the lock TTL and a later retry publishes again (workers drop
+        the duplicate by event id, item key or the Idempotency-Key header).
         """
         stored = str(status).encode() + body
-        try:
-            return bool(await self._completes(hash_tag(idem_key), (idem_key, owner, stored)))
-        except RedisError:
-            metrics.REDIS_ERRORS.labels("complete").inc()
-            log.warning("could not store an idempotent answer; its claim will expire")
-            return False
+        sent = self._completes(hash_tag(idem_key), (idem_key, owner, stored))
+        sent.add_done_callback(_completed)
+        return sent
 
     def _send_completes(self, _tag: str, calls: list[tuple[str, str, bytes]]) -> Future:
         args: list[Any] = [self._retention_ms]

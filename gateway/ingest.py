@@ -87,8 +87,8 @@ class Ingestor:
             if idem is not None:
                 await self._admitter.release(idem, req.request_id)
             raise
-        if idem is not None:
-            await self._admitter.complete(idem, req.request_id, answer.status, answer.body)
+        if idem is not None:  # stored with the next pipeline; the answer does not wait for it
+            self._admitter.complete(idem, req.request_id, answer.status, answer.body)
         return answer
 
     async def _process(self, req: IngestRequest, body: bytes, headers: dict[str, str]) -> Answer:
