@@ -93,6 +93,9 @@ class Worker:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.settings.batch_size,
+            # one fetch brings at most about a batch's bytes (a larger record still comes)
+            fetch_max_bytes=self.settings.batch_max_bytes,
+            max_partition_fetch_bytes=min(self.settings.batch_max_bytes, 1024 * 1024),
         )
         await self.consumer.start()
         watcher = asyncio.create_task(self._watch_catalogue())
@@ -116,8 +119,10 @@ class Worker:
     async def _poll(self) -> list:
         assert self.consumer is not None
         batch: list = []
+        size = 0  # bytes of record values: a batch's memory is several times that, decoded
         deadline = time.monotonic() + self.settings.batch_ms / 1000
-        while len(batch) < self.settings.batch_size and not self.stopping.is_set():
+        while (len(batch) < self.settings.batch_size and size < self.settings.batch_max_bytes
+               and not self.stopping.is_set()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -126,6 +131,7 @@ class Worker:
                 max_records=self.settings.batch_size - len(batch))
             for records in fetched.values():
                 batch.extend(records)
+                size += sum(len(r.value) for r in records if r.value is not None)
         return batch
 
     async def _handle(self, batch: list) -> None:

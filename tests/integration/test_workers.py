@@ -195,6 +195,30 @@ async def test_header_less_kafka_record_is_stored_as_connector_kafka(gateway, st
     assert kafka["received"] == 1 and kafka["accepted"] == 1 and kafka["written"] == 1
 
 
+async def test_batches_stop_growing_at_their_byte_bound(gateway, storage_url):
+    from prometheus_client import REGISTRY
+
+    def batches() -> float:
+        return REGISTRY.get_sample_value("sluice_worker_batch_duration_seconds_count") or 0
+
+    value = orjson.dumps([{"region": f"r{i}", "revenue": i, "note": "x" * 100}
+                          for i in range(5)])  # ~700 bytes
+    for _ in range(10):
+        await produce(gateway.bootstrap, gateway.topic, value)
+    before = batches()
+    async with Running(gateway, storage_url, WORKER_BATCH_MAX_BYTES="1024",
+                       WORKER_BATCH_MS="2000"):
+        await wait_for(lambda: _equals(count(storage_url), 5))  # upserts: 5 regions
+        await wait_for(lambda: _at_least(lambda: stats(gateway), 50))  # every event's fate
+    # 10 records of ~700 bytes with a bound of 1 KiB: never all in one or two batches
+    assert batches() - before >= 4
+
+
+async def _at_least(read, events: int) -> bool:
+    kafka = (await read())["connectors"].get("kafka", {})
+    return sum(kafka.get(k, 0) for k in ("written", "duplicates", "failed")) >= events
+
+
 async def test_logs_and_statistics_match_what_was_sent(gateway, tmp_path):
     storage = f"sqlite:///{tmp_path}/stats.db"
     ok = await gateway.post(orjson.dumps(ITEMS), **{"X-Request-ID": "req-ok"})
