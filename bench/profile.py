@@ -96,12 +96,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sluice-profile-"))
     bench = Bench(args, work)
     try:
-        import asyncio
-
-        from bench.run import TOPIC
-        from tests.services import create_topics
-
-        asyncio.run(create_topics(bench.kafka.bootstrap, [TOPIC, TOPIC + ".dlq"], partitions=3))
+        bench.create_topics()
         service, url = bench.gateway()
         try:
             servers = [pid for pid in service.pids if pid != service.proc.pid] or service.pids

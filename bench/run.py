@@ -114,13 +114,16 @@ class Bench:
 
     # -- measurements --------------------------------------------------------------------------
 
+    def create_topics(self) -> None:
+        asyncio.run(create_topics(self.kafka.bootstrap, TOPICS, partitions=3))
+
     def fresh_broker(self) -> None:
         """An empty broker on the same port: Tansu's memory storage keeps every record, and a
         broker holding gigabytes spends about twice the CPU per request (measured), so each
         run starts from an empty one, whoever ran before it."""
         self.kafka.restart()
         self.infra["broker"] = self.kafka.proc.pid
-        asyncio.run(create_topics(self.kafka.bootstrap, TOPICS, partitions=3))
+        self.create_topics()
 
     def load(self, service: Service, url: str, scenario: str, *, rate: float | None = None,
              auth: bool = True, broker: bool = True) -> dict[str, Any]:
@@ -184,7 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "ratio_to_ceiling": {}, "ratio_to_http": {}}
     services: dict[str, tuple[Service, str]] = {}
     try:
-        asyncio.run(create_topics(bench.kafka.bootstrap, TOPICS, partitions=3))
+        bench.create_topics()
         # Every target runs from the start (idle ones cost nothing) and each scenario is
         # measured in rounds that alternate the targets, keeping each target's median round:
         # a machine that slows down or speeds up during the run moves all of them alike.

@@ -71,8 +71,7 @@ def soak(gateway: Service, url: str, body: Path, key: str, rate: float, seconds:
 
 def main() -> None:
     from bench.machine import describe
-    from bench.run import TOPIC, Bench, save
-    from tests.services import create_topics
+    from bench.run import Bench, save
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=600.0)
@@ -84,7 +83,7 @@ def main() -> None:
     bench = Bench(argparse.Namespace(processes=args.processes), work)
     report: dict[str, Any] = {"machine": describe(args.processes)}
     try:
-        asyncio.run(create_topics(bench.kafka.bootstrap, [TOPIC, TOPIC + ".dlq"], partitions=3))
+        bench.create_topics()
         service, url = bench.gateway()
         try:
             report.update(soak(service, url, bench.bodies["array100"][0], bench.key, args.rate,

@@ -37,11 +37,10 @@ class Script:
 
 
 class ScriptBatcher:
-    def __init__(self, redis: Redis, in_flight: int = 1):
+    def __init__(self, redis: Redis):
         self._redis = redis
         self._pending: list[tuple[Script, list[str], list[Any], asyncio.Future]] = []
         self._tasks: set[asyncio.Task] = set()
-        self._max_in_flight = in_flight
         self._scheduled = False
 
     def register(self, text: str) -> Script:
@@ -55,8 +54,10 @@ class ScriptBatcher:
         return future
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        # at the end of this turn of the loop, so the calls of this turn go together
-        if not self._scheduled and len(self._tasks) < self._max_in_flight:
+        # at the end of this turn of the loop, so the calls of this turn go together; never
+        # two pipelines at once, so calls reach Redis in the order they were made (the stored
+        # Idempotency-Key answers rely on it: gateway.admission)
+        if not self._scheduled and not self._tasks:
             self._scheduled = True
             loop.call_soon(self._send)
 

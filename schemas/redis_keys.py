@@ -1,4 +1,5 @@
-"""Redis key names: every key Sluice writes is built here, nowhere else.
+"""Redis key names of admission and sessions, with the prefix and hash tags every key uses
+(schemas.outcomes and schemas.windows build the statistics and request-log keys on them).
 
 Keys of one ingest key on one dataset share a hash tag, so the admission script that touches
 the rate bucket and the idempotency record together also runs on Redis Cluster.

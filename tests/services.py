@@ -6,6 +6,7 @@ mocked: every service is a child process of the test run, killed at exit at the 
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import atexit
 import contextlib
@@ -102,7 +103,7 @@ def _kill_children() -> None:
     _CHILDREN.clear()
 
 
-class _Process:
+class _Process(abc.ABC):
     """A child service on a fixed port that can be stopped, paused and restarted.
 
     ``start()`` returns only once the service is ready: the process said so in its log, the
@@ -119,14 +120,16 @@ class _Process:
         self.dir = Path(tempfile.mkdtemp(prefix=f"sluice-{self.name}-"))
         self.log = self.dir / f"{self.name}.log"
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The service's command line, listening on ``self.port``."""
 
     def environment(self) -> dict[str, str]:
         return dict(os.environ)
 
+    @abc.abstractmethod
     def healthy(self) -> bool:
-        raise NotImplementedError
+        """True once a real protocol request to the service succeeds."""
 
     @property
     def running(self) -> bool:
