@@ -177,15 +177,13 @@ class Admitter:
         return self._admit(keys, args)
 
     def complete(self, idem_key: str, owner: str, status: int, body: bytes) -> Future:
-        """Store the answer for replay, without holding up the answer itself: the records are
-        durable, so the client gets its 202 now and the answer is stored with the next
-        pipeline (the future says 1 if it was stored, 0 if the claim is no longer ours).
-
-        Until it lands, a retry finds the claim pending (409, never a second publish). This
-        process's later calls go out after it on the same connection, so a retry it serves
-        sees the stored answer. It never fails the request: if the answer cannot be stored,
-        the claim expires after the lock TTL and a later retry publishes again (workers drop
-        the duplicate by event id, item key or the Idempotency-Key header).
+        """Store the answer for replay; the future says 1 if it was stored, 0 if the claim is
+        no longer ours. The request awaits it before answering, so a retry sent the moment
+        the answer arrives, to any gateway process, gets the replay (measured: storing after
+        the answer instead let such a retry meet the pending claim, 409). A failure is
+        counted and logged here; the caller goes on: the claim expires after the lock TTL and
+        a later retry publishes again (workers drop the duplicate by event id, item key or the
+        Idempotency-Key header).
         """
         stored = str(status).encode() + body
         sent = self._completes(hash_tag(idem_key), (idem_key, owner, stored))
