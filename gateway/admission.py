@@ -70,10 +70,13 @@ for i = 1, (#ARGV - 3) / 3 do
       out[i] = {1, remaining, reset_ms}
     else
       local key = KEYS[k]
-      local cur = redis.call('HMGET', key, 'fp', 'state', 'resp')
+      local cur = redis.call('HMGET', key, 'fp', 'state', 'resp', 'owner')
       if not cur[1] then
         redis.call('HSET', key, 'fp', ARGV[3 * i + 2], 'state', 'pending', 'owner', ARGV[3 * i + 3])
         redis.call('PEXPIRE', key, ARGV[3])
+        out[i] = {1, remaining, reset_ms}
+      elseif cur[2] == 'pending' and cur[4] == ARGV[3 * i + 3] then
+        -- our own claim: this call was retried after it had run (schemas.redis_client)
         out[i] = {1, remaining, reset_ms}
       elseif cur[1] ~= ARGV[3 * i + 2] then
         out[i] = {3, remaining, reset_ms}

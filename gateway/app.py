@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
-from redis.asyncio import Redis
 
 from gateway.accounting import Accountant
 from gateway.admission import Admitter
@@ -21,7 +20,7 @@ from gateway.publisher import Publisher
 from gateway.routes import datasets, events, health, ingestions, stats
 from gateway.scripts import ScriptBatcher
 from gateway.state import REQUEST_ID, STATE, State
-from schemas import logs, metrics
+from schemas import logs, metrics, redis_client
 from schemas.catalogue import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -115,9 +114,7 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
     app[ACCESS_LOG] = settings.access_log
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
-                               socket_connect_timeout=settings.redis_timeout_s,
-                               retry_on_timeout=False)
+        redis = redis_client.connect(settings.redis_url, settings.redis_timeout_s)
         publisher = Publisher(settings)
         await publisher.start()
         scripts = ScriptBatcher(redis)

@@ -17,10 +17,9 @@ from collections import defaultdict
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas import metrics
+from schemas import metrics, redis_client
 from schemas import outcomes as o
 from schemas.catalogue import CatalogueError, definition_files, load_catalogue
 from schemas.structure import Structure
@@ -40,8 +39,7 @@ class Worker:
         self.settings = settings
         self.sink: Sink = open_sink(settings.storage_url)
         self.dlq = DeadLetters(settings.kafka_bootstrap, settings.kafka_idempotence)
-        self.redis = Redis.from_url(settings.redis_url, socket_timeout=2,
-                                    socket_connect_timeout=2)
+        self.redis = redis_client.connect(settings.redis_url, 2)
         self.account = self.redis.register_script(o.ACCOUNT_SCRIPT)
         self.structures: dict[str, Structure] = {}  # by entry topic
         self.consumer: AIOKafkaConsumer | None = None

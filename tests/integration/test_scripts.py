@@ -11,7 +11,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gateway.admission import Admitter, Verdict
 from gateway.scripts import Coalescer, ScriptBatcher
-from schemas import redis_keys
+from schemas import redis_client, redis_keys
 from schemas.dataset import RateLimit
 
 pytestmark = pytest.mark.integration
@@ -81,7 +81,7 @@ async def test_an_error_reaches_only_its_caller(redis):
 
 async def test_redis_down_fails_every_caller(own_redis):
     server = own_redis()
-    client = Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    client = redis_client.connect(server.url, 0.5)
     try:
         batcher = ScriptBatcher(client)
         count = batcher.register(COUNT)
@@ -94,6 +94,29 @@ async def test_redis_down_fails_every_caller(own_redis):
         assert await count(["d"], [1]) == 1  # a fresh (empty) Redis: works again
     finally:
         await client.aclose()
+
+
+async def test_connections_left_from_before_a_redis_restart_are_replaced(own_redis):
+    """Pooled connections to the old server fail once; the client retries on a fresh one."""
+    server = own_redis()
+    client = redis_client.connect(server.url, 0.5)
+    plain = Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                           retry_on_error=[])  # what the retry is measured against
+    try:
+        for c in (client, plain):  # three pooled connections each, idle through the restart
+            assert await asyncio.gather(*(c.ping() for _ in range(3))) == [True] * 3
+        server.stop()
+        server.start()
+        stale = await asyncio.gather(*(plain.ping() for _ in range(3)), return_exceptions=True)
+        assert any(isinstance(r, RedisError) for r in stale), stale  # without the retry
+        batcher = ScriptBatcher(client)
+        count = batcher.register(COUNT)
+        results = await asyncio.gather(client.incr("n"), client.incr("n"),
+                                       count(["d"], [1]), return_exceptions=True)
+        assert sorted(results[:2]) == [1, 2] and results[2] == 1, results
+    finally:
+        await client.aclose()
+        await plain.aclose()
 
 
 # Adds ARGV[i] to KEYS[1] for every i, answering each running total: a script serving many calls.
@@ -175,6 +198,19 @@ async def test_a_burst_of_one_key_is_admitted_by_one_call_in_arrival_order(redis
     assert replay.verdict is Verdict.REPLAY and replay.replay == b'202{"ok":1}'
     other = await admitter.admit(bucket, RateLimit(0, 0), idem, "other", "again")
     assert other.verdict is Verdict.BODY_MISMATCH
+
+
+async def test_an_admission_run_twice_for_one_request_admits_it_again(redis):
+    """A call retried after it ran (the connection broke before the answer) is not a 409."""
+    await redis.flushdb()
+    admitter = Admitter(ScriptBatcher(redis), lock_ttl_s=30, retention_s=60)
+    bucket = redis_keys.rate_bucket_key("ds", "k1")
+    idem = redis_keys.idempotency_key("ds", "k1", "retried")
+    first = await admitter.admit(bucket, RateLimit(0, 0), idem, "fp", "req-1")
+    again = await admitter.admit(bucket, RateLimit(0, 0), idem, "fp", "req-1")
+    other = await admitter.admit(bucket, RateLimit(0, 0), idem, "fp", "req-2")
+    assert (first.verdict, again.verdict, other.verdict) == (
+        Verdict.PROCEED, Verdict.PROCEED, Verdict.IN_FLIGHT)
 
 
 def test_hash_tags():
