@@ -6,13 +6,16 @@ script call (and their answers stored by one): the cost in Redis is per group, n
 Idempotency follows Stripe's semantics (and the IETF httpapi draft): the first request with a
 key claims it as *pending*; when it ends with a 2xx its answer is stored for the retention
 window and replayed to later requests with the same body; a different body gets 422, a
-duplicate while the first is pending gets 409. A request that fails before it is durable
+duplicate while the first is pending gets 409 (after a short look again: the answer is stored
+just after the 202, see Admitter.complete). A request that fails before it is durable
 (validation, broker or Redis trouble) releases the key so the retry goes through. A pending
 claim expires after the lock TTL, so a crashed process never blocks a key for good.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from asyncio import Future
 from dataclasses import dataclass
@@ -28,6 +31,10 @@ from schemas.dataset import RateLimit
 from schemas.redis_keys import hash_tag
 
 log = logging.getLogger(__name__)
+
+# How long a duplicate that meets a pending claim waits before each look again (Admitter.admit)
+_SETTLE_WAITS_S = (0.002, 0.004, 0.008, 0.016, 0.032)
+_NO_LIMIT = RateLimit(0, 0)  # a look again takes no token: the first look took one
 
 # Admits every request of one ingest key on one dataset that arrived in one turn of the
 # event loop, in order: one script call, one read and one write of the token bucket.
@@ -157,7 +164,26 @@ class Admitter:
 
     async def admit(self, bucket: str, rate: RateLimit, idem_key: str | None,
                     fingerprint: str, owner: str) -> Admission:
-        """``idem_key`` must share ``bucket``'s hash tag (schemas.redis_keys builds both)."""
+        """``idem_key`` must share ``bucket``'s hash tag (schemas.redis_keys builds both).
+
+        A duplicate that meets a pending claim looks again a few times (62 ms in all) before
+        it is IN_FLIGHT: the first request's answer is stored just after its 202, so a retry
+        sent the moment the 202 arrives can get here first; it then gets the replay. If the
+        claim was released meanwhile (the first request failed), this request takes it.
+        """
+        admission = await self._admit_once(bucket, rate, idem_key, fingerprint, owner)
+        if admission.verdict is not Verdict.IN_FLIGHT:
+            return admission
+        for wait in _SETTLE_WAITS_S:
+            await asyncio.sleep(wait)
+            again = await self._admit_once(bucket, _NO_LIMIT, idem_key, fingerprint, owner)
+            if again.verdict is not Verdict.IN_FLIGHT:  # the rate headers of the first look
+                return dataclasses.replace(again, remaining=admission.remaining,
+                                           reset_ms=admission.reset_ms)
+        return admission
+
+    async def _admit_once(self, bucket: str, rate: RateLimit, idem_key: str | None,
+                          fingerprint: str, owner: str) -> Admission:
         try:
             result = await self._admits((bucket, rate.requests_per_second, rate.burst),
                                         (idem_key, fingerprint, owner))
@@ -180,13 +206,17 @@ class Admitter:
         return self._admit(keys, args)
 
     def complete(self, idem_key: str, owner: str, status: int, body: bytes) -> Future:
-        """Store the answer for replay; the future says 1 if it was stored, 0 if the claim is
-        no longer ours. The request awaits it before answering, so a retry sent the moment
-        the answer arrives, to any gateway process, gets the replay (measured: storing after
-        the answer instead let such a retry meet the pending claim, 409). A failure is
-        counted and logged here; the caller goes on: the claim expires after the lock TTL and
-        a later retry publishes again (workers drop the duplicate by event id, item key or the
-        Idempotency-Key header).
+        """Store the answer for replay, without holding up the answer itself: the records are
+        durable, so the client gets its 202 now and the answer is stored with the next
+        pipeline (the future says 1 if it was stored, 0 if the claim is no longer ours).
+
+        Until it lands (about a millisecond), a retry finds the claim pending and looks again
+        (``admit``), so it gets the replay; never a second publish. This process's later
+        calls go out after it on the same connection. It never fails the request: a failure
+        is counted and logged here, the claim expires after the lock TTL and a later retry
+        publishes again (workers drop the duplicate by event id, item key or the
+        Idempotency-Key header), as when a process dies between the broker's ack and the
+        store, whichever comes first.
         """
         stored = str(status).encode() + body
         sent = self._completes(hash_tag(idem_key), (idem_key, owner, stored))

@@ -5,14 +5,12 @@ Knows nothing of HTTP: it takes an IngestRequest and returns an Answer or raises
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 
 from gateway.admission import Admission, Admitter, Verdict
 from gateway.errors import (
@@ -89,9 +87,8 @@ class Ingestor:
             if idem is not None:
                 await self._admitter.release(idem, req.request_id)
             raise
-        if idem is not None:  # stored before the answer, so any retry finds it (replay)
-            with contextlib.suppress(RedisError):  # counted and logged by the admitter
-                await self._admitter.complete(idem, req.request_id, answer.status, answer.body)
+        if idem is not None:  # stored with the next pipeline; the answer does not wait for it
+            self._admitter.complete(idem, req.request_id, answer.status, answer.body)
         return answer
 
     async def _process(self, req: IngestRequest, body: bytes, headers: dict[str, str]) -> Answer:

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from gateway.admission import Admitter, Verdict
+from gateway.admission import _SETTLE_WAITS_S, Admitter, Verdict
 from gateway.scripts import Coalescer, ScriptBatcher
 from schemas import redis_client, redis_keys
 from schemas.dataset import RateLimit
@@ -165,10 +165,12 @@ async def test_a_failed_coalesced_call_fails_every_caller_of_its_group_only(redi
 
 
 class CountingAdmitter(Admitter):
-    calls = 0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups: list[int] = []  # the number of requests in each script call
 
     def _send_admits(self, group, calls):
-        self.calls += 1
+        self.groups.append(len(calls))
         return super()._send_admits(group, calls)
 
 
@@ -183,7 +185,8 @@ async def test_a_burst_of_one_key_is_admitted_by_one_call_in_arrival_order(redis
         *(admitter.admit(bucket, rate, None, "", f"r{i}") for i in range(7)),
         *(admitter.admit(bucket, rate, idem, "fp", f"d{i}") for i in range(3)),
         *(admitter.admit(bucket, rate, None, "", f"late{i}") for i in range(2)))
-    assert admitter.calls == 1
+    # one call; then the two duplicates look again for the pending claim together, 5 times
+    assert admitter.groups == [12] + [2] * len(_SETTLE_WAITS_S)
     verdicts = [a.verdict for a in admissions]
     assert verdicts == [Verdict.PROCEED] * 8 + [Verdict.IN_FLIGHT] * 2 + [
         Verdict.RATE_LIMITED] * 2  # the burst of 10 taken in arrival order, then limited
@@ -218,3 +221,39 @@ def test_hash_tags():
     assert redis_keys.hash_tag(redis_keys.rate_bucket_key("ds", "k")) == "{ds/k}"
     assert redis_keys.hash_tag("plain") == "plain"
     assert redis_keys.hash_tag("a{}b") == "a{}b"  # an empty tag does not count
+
+
+async def test_a_duplicate_meeting_a_pending_claim_waits_for_the_answer(redis_url, redis):
+    """Two processes: the first stores its answer just after its 202; a retry that reaches the
+    other process first looks again and gets the replay, or takes a released claim; a claim
+    still pending after the waits is IN_FLIGHT (409)."""
+    await redis.flushdb()
+    other_client = redis_client.connect(redis_url, 1)
+    try:
+        first = Admitter(ScriptBatcher(redis), lock_ttl_s=30, retention_s=60)
+        other = Admitter(ScriptBatcher(other_client), lock_ttl_s=30, retention_s=60)
+        bucket = redis_keys.rate_bucket_key("ds", "k1")
+        rate = RateLimit(requests_per_second=100, burst=100)
+
+        async def later(step):
+            await asyncio.sleep(0.01)
+            await step
+
+        for token, step in (("done", lambda idem: first.complete(idem, "a", 202, b"{}")),
+                            ("failed", lambda idem: first.release(idem, "a")),
+                            ("slow", None)):
+            idem = redis_keys.idempotency_key("ds", "k1", token)
+            assert (await first.admit(bucket, rate, idem, "fp", "a")).verdict is Verdict.PROCEED
+            settle = asyncio.create_task(later(step(idem))) if step else None
+            retry = await other.admit(bucket, rate, idem, "fp", "b")
+            if settle:
+                await settle
+            expected = {"done": Verdict.REPLAY, "failed": Verdict.PROCEED,
+                        "slow": Verdict.IN_FLIGHT}[token]
+            assert retry.verdict is expected, token
+            assert 0 <= retry.remaining < 100  # the first look's token, not an unlimited -1
+        assert retry.replay is None
+        owner = await redis.hget(redis_keys.idempotency_key("ds", "k1", "failed"), "owner")
+        assert owner == b"b"
+    finally:
+        await other_client.aclose()

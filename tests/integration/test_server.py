@@ -73,6 +73,50 @@ async def test_two_processes_share_the_port(tmp_path, kafka, redis_url):
         assert proc.wait(30) == 0
 
 
+async def test_a_retry_sent_the_moment_the_202_arrives_gets_the_replay(tmp_path, kafka,
+                                                                    redis_url):
+    """The answer is stored just after the 202; a retry that reaches the other process first
+    waits for it (gateway.admission) instead of answering 409, and publishes nothing."""
+    proc, base, key, topic = await start_gateway(tmp_path, kafka.bootstrap, redis_url, 2)
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+                for _ in range(4)]  # one kept-alive connection each, to either process
+    try:
+        for s in sessions:
+            async with s.get(base + "/healthz") as resp:
+                assert resp.status == 200
+        body = orjson.dumps(ITEMS)
+        stop = asyncio.Event()
+
+        async def background(s):  # keeps both processes' Redis pipelines busy
+            sent = 0
+            while not stop.is_set():
+                async with post(s, base, key, body) as resp:
+                    assert resp.status == 202
+                sent += 1
+            return sent
+
+        busy = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16))
+        load = [asyncio.create_task(background(busy)) for _ in range(16)]
+        for n in range(40):
+            first, retry = sessions[n % 4], sessions[(n + 1) % 4]
+            async with post(first, base, key, body, **{"Idempotency-Key": f"k{n}"}) as resp:
+                assert resp.status == 202 and "Idempotent-Replayed" not in resp.headers
+                original = await resp.read()
+            async with post(retry, base, key, body, **{"Idempotency-Key": f"k{n}"}) as resp:
+                assert resp.status == 202, await resp.text()
+                assert resp.headers["Idempotent-Replayed"] == "true"
+                assert await resp.read() == original
+        stop.set()
+        background_sent = sum(await asyncio.gather(*load))
+        await busy.close()
+        assert len(await consume_all(kafka.bootstrap, topic)) == 40 + background_sent
+    finally:
+        for s in sessions:
+            await s.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
 async def test_sigterm_finishes_in_flight_requests(tmp_path, own_broker, redis_url):
     broker = own_broker()
     proc, base, key, topic = await start_gateway(tmp_path, broker.bootstrap, redis_url, 1)
