@@ -150,7 +150,8 @@ class Accountant:
             entries = orjson.dumps([[out.received_at_ms, out.request_id, _log_fields(out)]
                                     for out in outcomes])
             await self._log(keys=keys, args=[self._log_age_ms, self._log_max,
-                                             now - self._log_age_ms, entries], client=pipe)
+                                             now - self._log_age_ms, entries,
+                                             o.request_key(connector, "")], client=pipe)
         await pipe.execute()
 
 

@@ -72,9 +72,16 @@ def connector_log_key(connector: str) -> str:
     return f"{PREFIX}:log:{_connector_tag(connector)}"
 
 
-# Writes a batch of one connector's request-log entries in one call.
+# Writes a batch of one connector's request-log entries in one call, and trims the log: the
+# entries beyond the newest ARGV[2] or older than ARGV[3] leave the sorted set and their hashes
+# and error lists are deleted (left to their TTL, a busy connector's would pile up in Redis:
+# 7 days at 5,000 requests/s is 3 billion hashes).
 # KEYS: the connector's log, then each entry's request hash (in ARGV[4]'s order).
-# ARGV: ttl ms, entries kept, oldest score kept, JSON [[score, request_id, {field: value}]].
+# ARGV: ttl ms, entries kept, oldest score kept, JSON [[score, request_id, {field: value}]],
+# the request hash prefix (request_key(connector, '')).
+# A worker may have counted a request before its entry is written (REQUESTS_SCRIPT); the
+# entry's TTL then replaces the short one the worker gave its hash and error list.
+# The deleted keys are not in KEYS, but share the log's hash tag: same slot on Redis Cluster.
 # Integral JSON numbers are written as integers (Lua would print large ones as 1.7e+12).
 LOG_SCRIPT = """
 local ttl = ARGV[1]
@@ -89,12 +96,64 @@ for i, entry in ipairs(entries) do
   end
   redis.call('HSET', key, unpack(fields))
   redis.call('PEXPIRE', key, ttl)
+  redis.call('PEXPIRE', key .. ':errors', ttl)
   redis.call('ZADD', KEYS[1], string.format('%d', entry[1]), entry[2])
+end
+local prefix = ARGV[5]
+local trimmed = {
+  redis.call('ZRANGE', KEYS[1], 0, -(tonumber(ARGV[2]) + 1)),
+  redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3]),
+}
+for _, ids in ipairs(trimmed) do
+  for _, id in ipairs(ids) do
+    redis.call('DEL', prefix .. id, prefix .. id .. ':errors')
+  end
 end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[2]) + 1))
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 return #entries
 """
+
+# The workers' counters and errors of requests of one connector, kept only for requests the
+# log holds or may still get. A request whose hash does not exist is either not logged yet
+# (the gateway writes its log every 50 ms) or trimmed from the log already: received before
+# the oldest entry of a log that holds entries, it was trimmed and is skipped; otherwise its
+# hash and error list get ORPHAN_TTL_MS, which the log entry, when it comes, replaces with
+# the log's TTL. A logged request's hash keeps the TTL the log gave it.
+# KEYS: the connector's log, then the request hashes (one connector: one hash tag).
+# ARGV: orphan ttl ms, error list cap, then per request: receive time ms, n counters,
+# n errors, the counters as field, increment pairs, the errors.
+REQUESTS_SCRIPT = """
+local orphan, cap = ARGV[1], tonumber(ARGV[2])
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
+oldest = oldest and tonumber(oldest)
+local i = 3
+for k = 2, #KEYS do
+  local key = KEYS[k]
+  local received, counters, errors = tonumber(ARGV[i]), tonumber(ARGV[i + 1]),
+                                     tonumber(ARGV[i + 2])
+  local logged = redis.call('EXISTS', key) == 1
+  local skip = not logged and oldest ~= nil and received < oldest
+  i = i + 3
+  if not skip then
+    for c = i, i + 2 * counters - 1, 2 do
+      redis.call('HINCRBY', key, ARGV[c], ARGV[c + 1])
+    end
+    if not logged then redis.call('PEXPIRE', key, orphan) end
+  end
+  i = i + 2 * counters
+  if errors > 0 and not skip then
+    local list = key .. ':errors'
+    redis.call('RPUSH', list, unpack(ARGV, i, i + errors - 1))
+    redis.call('LTRIM', list, 0, cap - 1)
+    local left = logged and redis.call('PTTL', key) or -1
+    redis.call('PEXPIRE', list, left > 0 and left or orphan)
+  end
+  i = i + errors
+end
+return #KEYS - 1
+"""
+ORPHAN_TTL_MS = 10 * 60_000
 
 
 # Adds counters to every hash in KEYS and widens its first/last event times.

@@ -18,7 +18,7 @@ from workers.rows import Origin, Row
 
 
 def _ms(origin: Origin) -> int:
-    return int(origin.received_at.timestamp() * 1000)
+    return round(origin.received_at.timestamp() * 1000)  # the gateway's ms, exactly
 
 
 class BatchOutcome:
@@ -28,6 +28,7 @@ class BatchOutcome:
         self.requests: dict[tuple[str, str], Counter] = defaultdict(Counter)  # (connector, id)
         self.sessions: dict[str, Counter] = defaultdict(Counter)
         self.errors: dict[tuple[str, str], list[bytes]] = defaultdict(list)
+        self.received_ms: dict[tuple[str, str], int] = {}  # (connector, id): receive time
 
     def received(self, dataset: str, origin: Origin, events: int) -> None:
         """Events read from a record; counted here only when no gateway counted them."""
@@ -40,8 +41,13 @@ class BatchOutcome:
     def stored(self, dataset: str, rows: list[Row], written: Counter) -> None:
         """``rows`` were offered to storage; ``written`` counts, per request, those that took."""
         offered: Counter = Counter()
+        received: dict[str | None, int] = {}
         for row in rows:
-            offered[(row.origin.connector, row.origin.request_id, row.origin.session_id)] += 1
+            origin = row.origin
+            key = (origin.connector, origin.request_id, origin.session_id)
+            if key not in offered:
+                received[origin.request_id] = _ms(origin)
+            offered[key] += 1
         left = Counter(written)
         for (connector, rid, session_id), count in offered.items():
             took = min(count, left[rid])
@@ -51,6 +57,7 @@ class BatchOutcome:
             metrics.WRITTEN.labels(dataset).inc(took)
             metrics.DUPLICATES.labels(dataset).inc(count - took)
             if rid is not None:
+                self.received_ms[(connector, rid)] = received[rid]
                 self.requests[(connector, rid)][o.WRITTEN] += took
                 self.requests[(connector, rid)][o.DUPLICATES] += count - took
             if session_id is not None:
@@ -66,6 +73,7 @@ class BatchOutcome:
             self.sessions[origin.session_id][o.FAILED] += 1
         if origin is not None and origin.request_id is not None:
             request = (origin.connector, origin.request_id)
+            self.received_ms[request] = _ms(origin)
             self.requests[request][o.FAILED] += 1
             self.errors[request].append(orjson.dumps(
                 {"index": letter.index, "code": letter.code, "message": letter.error}))
@@ -77,7 +85,8 @@ class BatchOutcome:
         else:
             span[0], span[1] = min(span[0], ms), max(span[1], ms)
 
-    async def write(self, redis: Redis, script: Any, log_age_s: int) -> None:
+    async def write(self, redis: Redis, script: Any, requests_script: Any,
+                    log_age_s: int) -> None:
         if not (self.stats or self.requests):
             return
         now = int(time.time() * 1000)
@@ -89,23 +98,31 @@ class BatchOutcome:
                          args=o.account_args(counts, first, last), client=pipe)
             pipe.sadd(o.connectors_key(dataset), connector)
             windows.add(w.dataset_scope(dataset), now, counts)
-        ttl_ms = log_age_s * 1000
-        for (connector, rid), counts in self.requests.items():
-            _add(pipe, o.request_key(connector, rid), counts, ttl_ms)
+        for keys, args in self._request_calls().values():
+            await requests_script(keys=keys, args=args, client=pipe)
         for session_id, counts in self.sessions.items():
-            _add(pipe, o.session_stats_key(session_id), counts, ttl_ms)
+            key = o.session_stats_key(session_id)
+            for name, value in counts.items():
+                if value:
+                    pipe.hincrby(key, name, value)
+            pipe.pexpire(key, log_age_s * 1000)
             windows.add(w.session_scope(session_id), now, counts)
         windows.queue(pipe)
-        for (connector, rid), errors in self.errors.items():
-            key = o.request_errors_key(connector, rid)
-            pipe.rpush(key, *errors[: o.MAX_LOGGED_ERRORS])
-            pipe.ltrim(key, 0, o.MAX_LOGGED_ERRORS - 1)
-            pipe.pexpire(key, ttl_ms)
         await pipe.execute()
 
-
-def _add(pipe: Any, key: str, counts: Counter, ttl_ms: int) -> None:
-    for name, value in counts.items():
-        if value:
-            pipe.hincrby(key, name, value)
-    pipe.pexpire(key, ttl_ms)
+    def _request_calls(self) -> dict[str, tuple[list[str], list[Any]]]:
+        """REQUESTS_SCRIPT's keys and arguments, per connector (one hash tag each)."""
+        calls: dict[str, tuple[list[str], list[Any]]] = {}
+        for request in {**self.requests, **self.errors}:
+            connector, rid = request
+            call = calls.get(connector)
+            if call is None:
+                call = calls[connector] = ([o.connector_log_key(connector)],
+                                           [o.ORPHAN_TTL_MS, o.MAX_LOGGED_ERRORS])
+            counts = [x for pair in self.requests.get(request, {}).items() if pair[1]
+                      for x in pair]
+            errors = self.errors.get(request, [])[: o.MAX_LOGGED_ERRORS]
+            call[0].append(o.request_key(connector, rid))
+            call[1].extend((self.received_ms.get(request, 0), len(counts) // 2, len(errors),
+                            *counts, *errors))
+        return calls

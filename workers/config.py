@@ -53,10 +53,8 @@ VARIABLES: Variables = {
                             "port of the workers' /metrics (0: none)"),
     "WORKER_CATALOGUE_RELOAD_S": ("reload_s", "10", float_min(0.5),
                                   "how often the catalogue is checked for new datasets"),
-    "SLUICE_LOG_MAX_ENTRIES": ("log_max_entries", "10000", int_range(1),
-                               "request-log entries kept per connector"),
     "SLUICE_LOG_MAX_AGE_S": ("log_max_age_s", "604800", int_range(60),
-                             "age after which request-log entries are dropped"),
+                             "how long ingestion-session statistics are kept"),
     "SLUICE_LOG_LEVEL": ("log_level", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"),
                          "log level"),
     "SLUICE_LOG_FORMAT": ("log_format", "json", one_of("json", "text"),
@@ -78,7 +76,6 @@ class WorkerSettings:
     batch_ms: int
     metrics_port: int
     reload_s: float
-    log_max_entries: int
     log_max_age_s: int
     log_level: str
     log_format: str

@@ -41,6 +41,7 @@ class Worker:
         self.dlq = DeadLetters(settings.kafka_bootstrap, settings.kafka_idempotence)
         self.redis = redis_client.connect(settings.redis_url, 2)
         self.account = self.redis.register_script(o.ACCOUNT_SCRIPT)
+        self.account_requests = self.redis.register_script(o.REQUESTS_SCRIPT)
         self.structures: dict[str, Structure] = {}  # by entry topic
         self.consumer: AIOKafkaConsumer | None = None
         self.stopping = asyncio.Event()
@@ -204,7 +205,8 @@ class Worker:
             for letter in decoded.dead:
                 outcome.failed(structure.dataset.id, letter)
         await self.dlq.send([d for decoded in per_dataset.values() for d in decoded.dead])
-        await outcome.write(self.redis, self.account, self.settings.log_max_age_s)
+        await outcome.write(self.redis, self.account, self.account_requests,
+                            self.settings.log_max_age_s)
         return outcome
 
 
