@@ -215,8 +215,8 @@ class Admitter:
         calls go out after it on the same connection. It never fails the request: a failure
         is counted and logged here, the claim expires after the lock TTL and a later retry
         publishes again (workers drop the duplicate by event id, item key or the
-        Idempotency-Key header), as when a process dies between the broker's ack and the
-        store, whichever comes first.
+        Idempotency-Key header), the same as when a process dies between the broker's ack
+        and storing the answer.
         """
         stored = str(status).encode() + body
         sent = self._completes(hash_tag(idem_key), (idem_key, owner, stored))
