@@ -7,7 +7,6 @@ beyond that the oldest are dropped and counted, so memory stays bounded.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import ApiError, RateLimited
 from gateway.ingest import Answer
+from gateway.periodic import Periodic
 from schemas import metrics
 from schemas import outcomes as o
 from schemas import windows as w
@@ -76,7 +76,7 @@ class Accountant:
         self._log_max = log_max_entries
         self._log_age_ms = log_max_age_s * 1000
         self._pending: list[RequestOutcome] = []
-        self._task: asyncio.Task | None = None
+        self._flusher = Periodic(self.flush, interval)
         self.dropped = 0
 
     def record(self, outcome: RequestOutcome) -> None:
@@ -98,17 +98,13 @@ class Accountant:
         self._pending.append(outcome)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._flusher.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop flushing in the background, then write what is left (once: if Redis is away
+        at shutdown, those outcomes are lost and a warning says how many)."""
+        await self._flusher.stop()
         await self.flush()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.flush()
 
     async def flush(self) -> None:
         if not self._pending:

@@ -8,13 +8,13 @@ cannot take events.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway.periodic import Periodic
 from gateway.state import STATE, State
 from schemas import metrics
 from schemas.metrics_export import exposition
@@ -54,14 +54,12 @@ async def readyz(request: web.Request) -> web.Response:
                              status=200 if ready else 503)
 
 
-async def _watch_readiness(state: State, interval: float) -> None:
-    while True:
-        try:
-            await readiness(state)
-        except Exception:  # a check that broke unexpectedly must not freeze the gauge at 1
-            log.exception("readiness check failed")
-            metrics.GATEWAY_READY.set(0)
-        await asyncio.sleep(interval)
+async def _check_readiness(state: State) -> None:
+    try:
+        await readiness(state)
+    except Exception:  # a check that broke unexpectedly must not freeze the gauge at 1
+        log.exception("readiness check failed")
+        metrics.GATEWAY_READY.set(0)
 
 
 async def readiness_gauge(app: web.Application) -> AsyncIterator[None]:
@@ -69,11 +67,11 @@ async def readiness_gauge(app: web.Application) -> AsyncIterator[None]:
 
     Needs the application's State, so it must come after the context that creates it.
     """
-    task = asyncio.create_task(_watch_readiness(app[STATE], READY_CHECK_INTERVAL_S))
+    state = app[STATE]
+    watcher = Periodic(lambda: _check_readiness(state), READY_CHECK_INTERVAL_S, at_start=True)
+    watcher.start()
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await watcher.stop()
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:

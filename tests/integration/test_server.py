@@ -141,6 +141,32 @@ async def test_sigterm_finishes_in_flight_requests(tmp_path, own_broker, redis_u
     assert events(await consume_all(broker.bootstrap, topic)) == ITEMS[1:] + ITEMS[:1]
 
 
+async def test_sigterm_exits_even_with_redis_and_the_broker_gone(tmp_path, own_broker,
+                                                                 own_redis):
+    """Shutdown must not wait on dependencies that are down: the request outcomes waiting to
+    be written are given up (and counted in the logs), the process exits."""
+    broker, redis = own_broker(), own_redis()
+    proc, base, key, _ = await start_gateway(tmp_path, broker.bootstrap, redis.url, 2)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):
+            async with post(session, base, key, orjson.dumps(ITEMS)) as resp:
+                assert resp.status == 202
+        redis.stop()
+        async with post(session, base, key, orjson.dumps(ITEMS)) as resp:
+            assert resp.status == 503  # and the accounting flush now fails every 50 ms
+    await asyncio.sleep(0.5)
+    broker.stop()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(30)
+    finally:
+        leftover = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        for pid in leftover:
+            os.kill(int(pid), signal.SIGKILL)
+    assert code == 0 and leftover == [], proc.stdout.read().decode()[-3000:]
+
+
 async def test_logs_are_json_lines_with_the_request_id(tmp_path, kafka, redis_url):
     proc, base, key, _ = await start_gateway(tmp_path, kafka.bootstrap, redis_url, 1,
                                              SLUICE_ACCESS_LOG="true")

@@ -1,0 +1,64 @@
+"""gateway.periodic: background loops that stop even when a step swallows its cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.periodic import Periodic
+
+
+def swallowing_step(calls: list[str]):
+    async def step() -> None:
+        calls.append("step")
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:  # what redis-py 8 now and then does inside a pipeline
+            calls.append("swallowed")
+    return step
+
+
+async def test_a_loop_cancelled_once_inside_such_a_step_runs_on():
+    """Why Periodic exists: asyncio.Runner cancels each task once at exit and waits for it."""
+    calls: list[str] = []
+    step = swallowing_step(calls)
+
+    running = True
+
+    async def loop() -> None:
+        while running:
+            await step()
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.02)
+    task.cancel()
+    await asyncio.sleep(0.2)
+    assert not task.done() and "swallowed" in calls
+    running = False
+    await asyncio.wait_for(task, 1)
+
+
+async def test_stop_ends_the_loop_even_when_the_step_swallows_cancellation():
+    calls: list[str] = []
+    periodic = Periodic(swallowing_step(calls), 0.001)
+    periodic.start()
+    await asyncio.sleep(0.02)
+    await asyncio.wait_for(periodic.stop(grace=0.01), 5)  # cancels the step in progress
+    assert periodic._task.done()
+    assert "swallowed" in calls
+    count = len(calls)
+    await asyncio.sleep(0.1)
+    assert len(calls) == count  # no step after stop
+
+
+async def test_stop_lets_the_step_in_progress_finish_within_the_grace():
+    finished = []
+
+    async def step() -> None:
+        await asyncio.sleep(0.05)
+        finished.append(True)
+
+    periodic = Periodic(step, 0.001, at_start=True)
+    periodic.start()
+    await asyncio.sleep(0.01)  # inside the first step, run at start
+    await periodic.stop(grace=1)
+    assert finished == [True]
