@@ -71,7 +71,6 @@ class Accountant:
         self._redis = redis
         self._script = redis.register_script(o.ACCOUNT_SCRIPT)
         self._log = redis.register_script(o.LOG_SCRIPT)
-        self._interval = interval
         self._max_pending = max_pending
         self._log_max = log_max_entries
         self._log_age_ms = log_max_age_s * 1000

@@ -99,18 +99,15 @@ for i, entry in ipairs(entries) do
   redis.call('PEXPIRE', key .. ':errors', ttl)
   redis.call('ZADD', KEYS[1], string.format('%d', entry[1]), entry[2])
 end
-local prefix = ARGV[5]
-local trimmed = {
-  redis.call('ZRANGE', KEYS[1], 0, -(tonumber(ARGV[2]) + 1)),
-  redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3]),
-}
-for _, ids in ipairs(trimmed) do
+local prefix, beyond, older = ARGV[5], -(tonumber(ARGV[2]) + 1), '(' .. ARGV[3]
+for _, ids in ipairs({redis.call('ZRANGE', KEYS[1], 0, beyond),
+                      redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', older)}) do
   for _, id in ipairs(ids) do
     redis.call('DEL', prefix .. id, prefix .. id .. ':errors')
   end
 end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[2]) + 1))
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, beyond)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', older)
 return #entries
 """
 
@@ -133,23 +130,21 @@ for k = 2, #KEYS do
   local received, counters, errors = tonumber(ARGV[i]), tonumber(ARGV[i + 1]),
                                      tonumber(ARGV[i + 2])
   local logged = redis.call('EXISTS', key) == 1
-  local skip = not logged and oldest ~= nil and received < oldest
-  i = i + 3
-  if not skip then
-    for c = i, i + 2 * counters - 1, 2 do
+  local first_error = i + 3 + 2 * counters
+  if logged or oldest == nil or received >= oldest then  -- else trimmed already: skipped
+    for c = i + 3, first_error - 1, 2 do
       redis.call('HINCRBY', key, ARGV[c], ARGV[c + 1])
     end
     if not logged then redis.call('PEXPIRE', key, orphan) end
+    if errors > 0 then
+      local list = key .. ':errors'
+      redis.call('RPUSH', list, unpack(ARGV, first_error, first_error + errors - 1))
+      redis.call('LTRIM', list, 0, cap - 1)
+      local left = logged and redis.call('PTTL', key) or -1
+      redis.call('PEXPIRE', list, left > 0 and left or orphan)
+    end
   end
-  i = i + 2 * counters
-  if errors > 0 and not skip then
-    local list = key .. ':errors'
-    redis.call('RPUSH', list, unpack(ARGV, i, i + errors - 1))
-    redis.call('LTRIM', list, 0, cap - 1)
-    local left = logged and redis.call('PTTL', key) or -1
-    redis.call('PEXPIRE', list, left > 0 and left or orphan)
-  end
-  i = i + errors
+  i = first_error + errors
 end
 return #KEYS - 1
 """

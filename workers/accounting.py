@@ -41,12 +41,11 @@ class BatchOutcome:
     def stored(self, dataset: str, rows: list[Row], written: Counter) -> None:
         """``rows`` were offered to storage; ``written`` counts, per request, those that took."""
         offered: Counter = Counter()
-        received: dict[str | None, int] = {}
         for row in rows:
             origin = row.origin
             key = (origin.connector, origin.request_id, origin.session_id)
-            if key not in offered:
-                received[origin.request_id] = _ms(origin)
+            if key not in offered and origin.request_id is not None:
+                self.received_ms[(origin.connector, origin.request_id)] = _ms(origin)
             offered[key] += 1
         left = Counter(written)
         for (connector, rid, session_id), count in offered.items():
@@ -57,7 +56,6 @@ class BatchOutcome:
             metrics.WRITTEN.labels(dataset).inc(took)
             metrics.DUPLICATES.labels(dataset).inc(count - took)
             if rid is not None:
-                self.received_ms[(connector, rid)] = received[rid]
                 self.requests[(connector, rid)][o.WRITTEN] += took
                 self.requests[(connector, rid)][o.DUPLICATES] += count - took
             if session_id is not None:
