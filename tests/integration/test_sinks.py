@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from datetime import UTC, date, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from schemas.dataset import Limits, parse_dataset
 from schemas.structure import Structure
 from workers.rows import Origin, Row
 from workers.sinks import StorageSchemaError, open_sink
+from workers.sinks.sqlite import path_of
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -40,6 +44,22 @@ async def read(sink, url: str, sql: str) -> list[tuple]:
         return sink._conn.execute(sql).fetchall()
     async with sink._pool.acquire() as conn:
         return [tuple(r) for r in await conn.fetch(sql)]
+
+
+async def execute(sink, url: str, sql: str) -> None:
+    if url.startswith("sqlite"):
+        with sink._conn:
+            sink._conn.execute(sql)
+    else:
+        async with sink._pool.acquire() as conn:
+            await conn.execute(sql)
+
+
+async def unique_indexes(sink, url: str, table: str) -> int:
+    if url.startswith("sqlite"):
+        return sum(r[2] for r in await read(sink, url, f"PRAGMA index_list({table})"))
+    return (await read(sink, url, "SELECT count(*) FROM pg_index WHERE indisunique AND "
+                       f"indrelid = '{table}'::regclass"))[0][0]
 
 
 @pytest.fixture
@@ -87,6 +107,106 @@ async def test_idempotency_key_retries_store_once(sink, storage_url):
     assert (await sink.write(s, first)).total == 1
     assert (await sink.write(s, retry)).total == 0
     assert (await sink.write(s, other)).written == {"r3": 1}
+
+
+async def test_append_tables_check_nothing_per_row(sink, storage_url):
+    s = structure()
+    await sink.prepare(s)
+    assert await unique_indexes(sink, storage_url, "sales") == 0
+    await sink.write(s, [row(s, {"region": "a"}, origin(3))])
+    fences = await read(sink, storage_url, "SELECT table_name, topic, partition, next_offset "
+                        "FROM _sluice_offsets")
+    assert fences == [("sales", "ingest.sales", 0, 4)]
+
+
+async def test_fences_are_per_partition(sink, storage_url):
+    s = structure()
+    await sink.prepare(s)
+    assert (await sink.write(s, [row(s, {"region": "a"}, origin(50))])).total == 1
+    late = [row(s, {"region": "b"}, origin(2, partition=1)),
+            row(s, {"region": "c"}, origin(49))]  # partition 0 is past 49 already
+    assert (await sink.write(s, late)).total == 1
+    assert await read(sink, storage_url, "SELECT region FROM sales ORDER BY region") == [
+        ("a",), ("b",)]
+
+
+async def test_one_key_twice_in_one_batch_stores_the_first_record(sink, storage_url):
+    s = structure()
+    await sink.prepare(s)
+    o1, o2 = origin(4, idem="k1", rid="r1"), origin(9, idem="k1", rid="r2", partition=1)
+    rows = [row(s, {"region": "a"}, o1, 0), row(s, {"region": "b"}, o1, 1),
+            row(s, {"region": "a"}, o2, 0), row(s, {"region": "b"}, o2, 1)]
+    assert (await sink.write(s, rows)).written == {"r1": 2}
+    assert (await read(sink, storage_url, "SELECT count(*) FROM sales"))[0][0] == 2
+
+
+class FenceHolder:
+    """The partition's previous owner, inside its write transaction: holds the fence row."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    async def __aenter__(self) -> FenceHolder:
+        if self.url.startswith("sqlite"):
+            self.conn = sqlite3.connect(path_of(self.url), isolation_level=None)
+            self.conn.execute("BEGIN IMMEDIATE")  # SQLite's one write lock
+        else:
+            self.conn = await asyncpg.connect(self.url)
+            self.tx = self.conn.transaction()
+            await self.tx.start()
+            await self.conn.fetch("SELECT * FROM _sluice_offsets FOR UPDATE")
+        return self
+
+    async def commit_fence(self, next_offset: int) -> None:
+        sql = f"UPDATE _sluice_offsets SET next_offset = {next_offset}"
+        if self.url.startswith("sqlite"):
+            self.conn.execute(sql)
+            self.conn.execute("COMMIT")
+        else:
+            await self.conn.execute(sql)
+            await self.tx.commit()
+
+    async def __aexit__(self, *exc) -> None:
+        if self.url.startswith("sqlite"):
+            self.conn.close()
+        else:
+            await self.conn.close()
+
+
+async def test_a_writer_waits_for_the_fence_the_previous_owner_holds(sink, storage_url):
+    s = structure()
+    await sink.prepare(s)
+    await sink.write(s, [row(s, {"region": "first"}, origin(0))])  # the fence row exists
+    batch = [row(s, {"region": f"r{i}"}, origin(i, rid=f"q{i}")) for i in range(1, 301)]
+    # after a rebalance: the old owner is still writing records 1..300 when the new one
+    # (this sink) is handed the same records
+    async with FenceHolder(storage_url) as old_owner:
+        new_owner = asyncio.ensure_future(sink.write(s, batch))
+        await asyncio.sleep(0.5)
+        assert not new_owner.done()  # waits for the fence instead of reading a stale one
+        await old_owner.commit_fence(301)
+        assert (await asyncio.wait_for(new_owner, 10)).total == 0
+    assert (await read(sink, storage_url, "SELECT count(*) FROM sales"))[0][0] == 1
+
+
+async def test_tables_from_before_fences_keep_their_unique_key(sink, storage_url):
+    s = structure()
+    await sink.prepare(s)
+    await execute(sink, storage_url, 'CREATE UNIQUE INDEX old_key ON sales '
+                  '(_topic, _partition, _offset, _index)')
+    legacy = open_sink(storage_url)
+    await legacy.start()
+    try:
+        await legacy.prepare(s)
+        rows = [row(s, {"region": f"r{i}"}, origin(i)) for i in (5, 3)]
+        assert (await legacy.write(s, rows[:1])).total == 1
+        assert (await legacy.write(s, rows)).total == 1  # offset 3: new to the unique key
+        retry = [row(s, {"region": "x"}, origin(8, idem="k")),
+                 row(s, {"region": "x"}, origin(9, idem="k", rid="r2"))]
+        assert (await legacy.write(s, retry)).written == {"r1": 1}
+        assert await unique_indexes(legacy, storage_url, "sales") == 2
+    finally:
+        await legacy.close()
 
 
 async def test_item_key_last_writer_wins_on_receive_time(sink, storage_url):

@@ -32,18 +32,34 @@ class Sink(Protocol):
         """Create the dataset's table, or add the columns a grown schema needs."""
 
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
-        """Write rows in one transaction, exactly once in effect (see the module docs)."""
+        """Write rows in one transaction, exactly once in effect: a record's rows all in one
+        call, each partition's records in offset order (see fence.py)."""
 
     async def close(self) -> None: ...
 
 
-def conflict_target(structure: Structure) -> list[str]:
-    """The columns whose uniqueness makes a redelivered event a no-op."""
+# The unique key of append-only tables created before offset fences (fence.py); a table that
+# still has it keeps being written with INSERT ... ON CONFLICT DO NOTHING.
+LEGACY_APPEND_KEY = ("_topic", "_partition", "_offset", "_index")
+
+
+def conflict_target(structure: Structure) -> list[str] | None:
+    """The columns whose uniqueness makes a repeated event a no-op; None for an append-only
+    table, which offset fences keep exactly once instead (see fence.py)."""
     if structure.key_column:
         return [structure.key_column]
     if structure.event_column:
         return [structure.event_column]
-    return ["_topic", "_partition", "_offset", "_index"]
+    return None
+
+
+def create_table_sql(structure: Structure, columns: list[tuple[str, str]], type_of) -> str:
+    defs = [f"{quote(n)} {type_of(k)}" for n, k in columns]
+    target = conflict_target(structure)
+    if target is not None:
+        constraint = "PRIMARY KEY" if structure.key_column else "UNIQUE"
+        defs.append(f"{constraint} ({', '.join(quote(c) for c in target)})")
+    return f"CREATE TABLE IF NOT EXISTS {quote(structure.dataset.id)} ({', '.join(defs)})"
 
 
 def quote(name: str) -> str:

@@ -1,4 +1,6 @@
-"""PostgreSQL sink: asyncpg, rows staged with COPY and merged with one INSERT ... ON CONFLICT."""
+"""PostgreSQL sink: asyncpg. Append-only tables take rows by COPY behind offset fences
+(fence.py); tables with a natural key stage rows with COPY and merge them with one
+INSERT ... ON CONFLICT."""
 
 from __future__ import annotations
 
@@ -9,13 +11,52 @@ import orjson
 
 from schemas.structure import Structure
 from workers.rows import Row, table_columns
-from workers.sinks.base import WriteResult, check_columns, conflict_target, quote
+from workers.sinks import fence
+from workers.sinks.base import (
+    LEGACY_APPEND_KEY,
+    WriteResult,
+    check_columns,
+    conflict_target,
+    create_table_sql,
+    quote,
+)
 
 # information_schema's spelling, which CREATE TABLE also accepts.
 _TYPES = {"text": "text", "integer": "bigint", "number": "double precision",
           "boolean": "boolean", "timestamp": "timestamp with time zone", "date": "date",
           "json": "jsonb"}
 _STAGE = "_sluice_stage"
+_FENCE_TABLES = (
+    f'CREATE TABLE IF NOT EXISTS {fence.OFFSETS_TABLE} (table_name text NOT NULL, '
+    'topic text NOT NULL, "partition" integer NOT NULL, next_offset bigint NOT NULL, '
+    'PRIMARY KEY (table_name, topic, "partition"))',
+    f"CREATE TABLE IF NOT EXISTS {fence.KEYS_TABLE} (table_name text NOT NULL, "
+    "connector text NOT NULL, idempotency_key text NOT NULL, part integer NOT NULL, "
+    "stored_at timestamp with time zone NOT NULL DEFAULT now(), "
+    "PRIMARY KEY (table_name, connector, idempotency_key, part))",
+)
+_NEW_FENCES = (
+    f'INSERT INTO {fence.OFFSETS_TABLE} (table_name, topic, "partition", next_offset) '
+    "SELECT $1, t, p, 0 FROM unnest($2::text[], $3::int[]) AS u(t, p) ORDER BY t, p "
+    "ON CONFLICT DO NOTHING")
+_LOCK_FENCES = (
+    f'SELECT topic, "partition", next_offset FROM {fence.OFFSETS_TABLE} WHERE table_name = $1 '
+    'AND (topic, "partition") IN (SELECT t, p FROM unnest($2::text[], $3::int[]) AS u(t, p)) '
+    'ORDER BY topic, "partition" FOR UPDATE')
+_RECORD_KEYS = (
+    f"INSERT INTO {fence.KEYS_TABLE} (table_name, connector, idempotency_key, part) "
+    "SELECT $1, c, k, p FROM unnest($2::text[], $3::text[], $4::int[]) AS u(c, k, p) "
+    "ON CONFLICT DO NOTHING RETURNING connector, idempotency_key, part")
+_ADVANCE_FENCES = (
+    f"UPDATE {fence.OFFSETS_TABLE} AS f SET next_offset = u.n "
+    "FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, n) "
+    'WHERE f.table_name = $1 AND f.topic = u.t AND f."partition" = u.p AND u.n > f.next_offset')
+# Is there a unique index over exactly these columns, in this order?
+_HAS_UNIQUE = (
+    "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = to_regclass($1) "
+    "AND i.indisunique AND ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) "
+    "WITH ORDINALITY AS k(n, o) JOIN pg_attribute a ON a.attrelid = i.indrelid "
+    "AND a.attnum = k.n ORDER BY k.o) = $2::text[])")
 
 
 def pg_type(kind: str) -> str:
@@ -33,7 +74,8 @@ class PostgresSink:
     def __init__(self, url: str):
         self.url = url
         self._pool: asyncpg.Pool | None = None
-        self._sql: dict[str, tuple[str, list[str]]] = {}
+        # per table: the merge statement (None: fenced append) and the column names
+        self._sql: dict[str, tuple[str | None, list[str]]] = {}
 
     async def start(self) -> None:
         self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4,
@@ -55,24 +97,24 @@ class PostgresSink:
                 "WHERE table_schema = current_schema() AND table_name = $1", table)
             existing = {r["column_name"]: r["data_type"] for r in rows}
             if not existing:
-                await conn.execute(self._create_sql(structure, columns))
+                await conn.execute(create_table_sql(structure, columns, pg_type))
             else:
                 for name, kind in check_columns(table, existing, columns, pg_type):
                     await conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)} "
                                        f"{pg_type(kind)}")
-            if not structure.key_column and not structure.event_column:
-                await conn.execute(
-                    f"CREATE UNIQUE INDEX IF NOT EXISTS {quote(table + '__idempotency')} ON "
-                    f"{quote(table)} (_connector, _idempotency_key, _part, _index) "
-                    "WHERE _idempotency_key IS NOT NULL")
-        self._sql[table] = (self._merge_sql(structure, columns), [n for n, _ in columns])
-
-    def _create_sql(self, structure: Structure, columns: list[tuple[str, str]]) -> str:
-        defs = [f"{quote(n)} {pg_type(k)}" for n, k in columns]
-        unique = ", ".join(quote(c) for c in conflict_target(structure))
-        constraint = "PRIMARY KEY" if structure.key_column else "UNIQUE"
-        return (f"CREATE TABLE IF NOT EXISTS {quote(structure.dataset.id)} "
-                f"({', '.join(defs)}, {constraint} ({unique}))")
+            merge = True
+            if conflict_target(structure) is None:
+                merge = await conn.fetchval(_HAS_UNIQUE, quote(table), list(LEGACY_APPEND_KEY))
+                if merge:  # created before fences: its unique keys keep it exactly once
+                    await conn.execute(
+                        f"CREATE UNIQUE INDEX IF NOT EXISTS {quote(table + '__idempotency')} "
+                        f"ON {quote(table)} (_connector, _idempotency_key, _part, _index) "
+                        "WHERE _idempotency_key IS NOT NULL")
+                else:
+                    for sql in _FENCE_TABLES:
+                        await conn.execute(sql)
+        self._sql[table] = (self._merge_sql(structure, columns) if merge else None,
+                            [n for n, _ in columns])
 
     def _merge_sql(self, structure: Structure, columns: list[tuple[str, str]]) -> str:
         table = quote(structure.dataset.id)
@@ -96,10 +138,34 @@ class PostgresSink:
         assert self._pool is not None
         table = structure.dataset.id
         sql, names = self._sql[table]
-        records = [row.columns() for row in rows]
+        if not rows:
+            return WriteResult()
         async with self._pool.acquire() as conn, conn.transaction():
+            if sql is None:
+                return WriteResult(await _append(conn, table, names, rows))
             await conn.execute(f"CREATE TEMP TABLE {_STAGE} (LIKE {quote(table)}) "
                                "ON COMMIT DROP")
-            await conn.copy_records_to_table(_STAGE, records=records, columns=names)
+            await conn.copy_records_to_table(_STAGE, records=[row.columns() for row in rows],
+                                             columns=names)
             returned = await conn.fetch(sql)
         return WriteResult(Counter({r["_request_id"]: r["n"] for r in returned}))
+
+
+async def _append(conn: asyncpg.Connection, table: str, names: list[str],
+                  rows: list[Row]) -> Counter:
+    """COPY the rows not stored yet straight into the table, behind the offset fences."""
+    topics, numbers = map(list, zip(*fence.partitions(rows), strict=True))
+    await conn.execute(_NEW_FENCES, table, topics, numbers)
+    fences = {(t, p): n for t, p, n in await conn.fetch(_LOCK_FENCES, table, topics, numbers)}
+    fresh = fence.above(rows, fences)
+    keys = fence.record_keys(fresh)
+    if keys:
+        connectors, tokens, parts = map(list, zip(*keys, strict=True))
+        recorded = await conn.fetch(_RECORD_KEYS, table, connectors, tokens, parts)
+        fresh = fence.first_of_fresh_keys(fresh, {tuple(r) for r in recorded})
+    if fresh:
+        await conn.copy_records_to_table(table, records=[row.columns() for row in fresh],
+                                         columns=names)
+    topics, numbers, ends = map(list, zip(*fence.next_fences(rows), strict=True))
+    await conn.execute(_ADVANCE_FENCES, table, topics, numbers, ends)
+    return fence.written(fresh)

@@ -1,4 +1,8 @@
-"""SQLite sink: the embedded default. One connection on one thread; a batch is one transaction."""
+"""SQLite sink: the embedded default. One connection on one thread; a batch is one transaction.
+
+Append-only tables are kept exactly once by offset fences (fence.py), tables with a natural key
+by INSERT ... ON CONFLICT.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,29 @@ import orjson
 
 from schemas.structure import Structure
 from workers.rows import Row, table_columns
-from workers.sinks.base import WriteResult, check_columns, conflict_target, quote
+from workers.sinks import fence
+from workers.sinks.base import (
+    LEGACY_APPEND_KEY,
+    WriteResult,
+    check_columns,
+    conflict_target,
+    create_table_sql,
+    quote,
+)
 
 _TYPES = {"text": "TEXT", "integer": "INTEGER", "number": "REAL", "boolean": "INTEGER",
           "timestamp": "TEXT", "date": "TEXT", "json": "TEXT"}
+
+
+_FENCE_TABLES = (
+    f"CREATE TABLE IF NOT EXISTS {fence.OFFSETS_TABLE} (table_name TEXT NOT NULL, "
+    "topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, "
+    "PRIMARY KEY (table_name, topic, partition))",
+    f"CREATE TABLE IF NOT EXISTS {fence.KEYS_TABLE} (table_name TEXT NOT NULL, "
+    "connector TEXT NOT NULL, idempotency_key TEXT NOT NULL, part INTEGER NOT NULL, "
+    "stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), "
+    "PRIMARY KEY (table_name, connector, idempotency_key, part))",
+)
 
 
 def sqlite_type(kind: str) -> str:
@@ -54,7 +77,8 @@ class SqliteSink:
         self.path = path_of(url)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
-        self._sql: dict[str, str] = {}
+        # per table: the insert statement, and whether offset fences keep it exactly once
+        self._sql: dict[str, tuple[str, bool]] = {}
         _register_adapters()
 
     async def _run(self, fn, *args):
@@ -85,38 +109,50 @@ class SqliteSink:
         existing = {r[1]: r[2] for r in self._conn.execute(f"PRAGMA table_info({quote(table)})")}
         with self._conn:
             if not existing:
-                self._conn.execute(self._create_sql(structure, columns))
+                self._conn.execute(create_table_sql(structure, columns, sqlite_type))
             else:
                 for name, kind in check_columns(table, existing, columns, sqlite_type):
                     self._conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)} "
                                        f"{sqlite_type(kind)}")
-            if not structure.key_column and not structure.event_column:
-                self._conn.execute(
-                    f"CREATE UNIQUE INDEX IF NOT EXISTS {quote(table + '__idempotency')} ON "
-                    f"{quote(table)} (_connector, _idempotency_key, _part, _index) "
-                    "WHERE _idempotency_key IS NOT NULL")
-        self._sql[table] = self._insert_sql(structure, columns)
+            fenced = False
+            if conflict_target(structure) is None:
+                if self._has_unique(table, LEGACY_APPEND_KEY):
+                    # created before fences: its unique keys keep it exactly once
+                    self._conn.execute(
+                        f"CREATE UNIQUE INDEX IF NOT EXISTS {quote(table + '__idempotency')} "
+                        f"ON {quote(table)} (_connector, _idempotency_key, _part, _index) "
+                        "WHERE _idempotency_key IS NOT NULL")
+                else:
+                    fenced = True
+                    for sql in _FENCE_TABLES:
+                        self._conn.execute(sql)
+        self._sql[table] = (self._insert_sql(structure, columns, fenced), fenced)
 
-    def _create_sql(self, structure: Structure, columns: list[tuple[str, str]]) -> str:
-        defs = [f"{quote(n)} {sqlite_type(k)}" for n, k in columns]
-        unique = ", ".join(quote(c) for c in conflict_target(structure))
-        constraint = "PRIMARY KEY" if structure.key_column else "UNIQUE"
-        return (f"CREATE TABLE IF NOT EXISTS {quote(structure.dataset.id)} "
-                f"({', '.join(defs)}, {constraint} ({unique}))")
+    def _has_unique(self, table: str, columns: tuple[str, ...]) -> bool:
+        """Is there a unique index over exactly these columns, in this order?"""
+        assert self._conn is not None
+        for _, name, unique, *_ in self._conn.execute(f"PRAGMA index_list({quote(table)})"):
+            info = self._conn.execute(f"PRAGMA index_info({quote(name)})").fetchall()
+            if unique and tuple(r[2] for r in sorted(info)) == columns:
+                return True
+        return False
 
-    def _insert_sql(self, structure: Structure, columns: list[tuple[str, str]]) -> str:
+    def _insert_sql(self, structure: Structure, columns: list[tuple[str, str]],
+                    fenced: bool) -> str:
         table = quote(structure.dataset.id)
         names = ", ".join(quote(n) for n, _ in columns)
         marks = ", ".join("?" for _ in columns)
-        sql = f"INSERT INTO {table} ({names}) VALUES ({marks}) "
+        sql = f"INSERT INTO {table} ({names}) VALUES ({marks})"
+        if fenced:
+            return sql
         key = structure.key_column
         if key is None:
-            return sql + "ON CONFLICT DO NOTHING"
+            return sql + " ON CONFLICT DO NOTHING"
         updates = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n, _ in columns if n != key)
         order = "_received_at, _partition, _offset, _index"
         newer = ", ".join(f"excluded.{c.strip()}" for c in order.split(","))
         current = ", ".join(f"{table}.{c.strip()}" for c in order.split(","))
-        return (sql + f"ON CONFLICT ({quote(key)}) DO UPDATE SET {updates} "
+        return (sql + f" ON CONFLICT ({quote(key)}) DO UPDATE SET {updates} "
                 f"WHERE ({newer}) > ({current})")
 
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
@@ -124,7 +160,12 @@ class SqliteSink:
 
     def _write(self, structure: Structure, rows: list[Row]) -> WriteResult:
         assert self._conn is not None
-        sql = self._sql[structure.dataset.id]
+        table = structure.dataset.id
+        sql, fenced = self._sql[table]
+        if fenced:
+            with self._conn:
+                stored = self._append(table, sql, rows)
+            return WriteResult(fence.written(stored))
         by_request: dict[str | None, list[tuple]] = {}
         for row in rows:
             by_request.setdefault(row.origin.request_id, []).append(row.columns())
@@ -138,3 +179,28 @@ class SqliteSink:
                 if conn.total_changes > before:
                     written[request_id] += conn.total_changes - before
         return WriteResult(written)
+
+    def _append(self, table: str, sql: str, rows: list[Row]) -> list[Row]:
+        """Insert the rows not stored yet, behind the offset fences; the rows inserted."""
+        assert self._conn is not None
+        conn = self._conn
+        parts = fence.partitions(rows)
+        # the first write takes SQLite's one write lock: the fences read below stay current
+        conn.executemany(f"INSERT OR IGNORE INTO {fence.OFFSETS_TABLE} "
+                         "(table_name, topic, partition, next_offset) VALUES (?, ?, ?, 0)",
+                         [(table, t, p) for t, p in parts])
+        fences = {(t, p): conn.execute(
+            f"SELECT next_offset FROM {fence.OFFSETS_TABLE} WHERE table_name = ? AND topic = ? "
+            "AND partition = ?", (table, t, p)).fetchone()[0] for t, p in parts}
+        fresh = fence.above(rows, fences)
+        keys = fence.record_keys(fresh)
+        if keys:
+            recorded = {key for key in keys if conn.execute(
+                f"INSERT OR IGNORE INTO {fence.KEYS_TABLE} (table_name, connector, "
+                "idempotency_key, part) VALUES (?, ?, ?, ?)", (table, *key)).rowcount}
+            fresh = fence.first_of_fresh_keys(fresh, recorded)
+        conn.executemany(sql, [row.columns() for row in fresh])
+        conn.executemany(f"UPDATE {fence.OFFSETS_TABLE} SET next_offset = ? WHERE "
+                         "table_name = ? AND topic = ? AND partition = ? AND next_offset < ?",
+                         [(n, table, t, p, n) for t, p, n in fence.next_fences(rows)])
+        return fresh

@@ -1,0 +1,47 @@
+"""Offset fences and record keys: which rows of a batch an append-only table stores."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from workers.rows import Origin, Row
+from workers.sinks import fence
+
+T0 = datetime(2026, 11, 25, tzinfo=UTC)
+
+
+def record(offset: int, events: int = 2, *, partition: int = 0, key: str | None = None,
+           part: int = 0, rid: str | None = None) -> list[Row]:
+    origin = Origin(rid or f"r{offset}", "pos", T0, None, None, key, part, "t", partition,
+                    offset)
+    return [Row((i,), origin, i) for i in range(events)]
+
+
+def test_rows_below_their_partitions_fence_are_skipped():
+    rows = record(4) + record(5) + record(2, partition=1) + record(3, partition=1)
+    kept = fence.above(rows, {("t", 0): 5, ("t", 1): 0})
+    kept_records = [(r.origin.partition, r.origin.offset) for r in kept]
+    assert kept_records == [(0, 5), (0, 5), (1, 2), (1, 2), (1, 3), (1, 3)]
+
+
+def test_fences_move_past_every_row_seen_skipped_or_not():
+    rows = record(9, partition=1) + record(4) + record(5) + record(7, partition=1)
+    assert fence.partitions(rows) == [("t", 0), ("t", 1)]
+    assert fence.next_fences(rows) == [("t", 0, 6), ("t", 1, 10)]
+
+
+def test_a_key_seen_twice_in_one_batch_keeps_its_first_record_only():
+    first, copy = record(3, key="k", rid="a"), record(8, key="k", rid="b")
+    other_part = record(9, key="k", part=1, rid="c")
+    unkeyed = record(10, rid="d")
+    rows = first + copy + other_part + unkeyed
+    keys = fence.record_keys(rows)
+    assert keys == [("pos", "k", 0), ("pos", "k", 1)]
+    kept = fence.first_of_fresh_keys(rows, set(keys))
+    assert fence.written(kept) == {"a": 2, "c": 2, "d": 2}
+
+
+def test_a_key_already_recorded_drops_its_records():
+    rows = record(3, key="old", rid="a") + record(4, key="new", rid="b")
+    kept = fence.first_of_fresh_keys(rows, {("pos", "new", 0)})
+    assert fence.written(kept) == {"b": 2}
