@@ -1,4 +1,4 @@
-"""Offset fences and record keys: which rows of a batch an append-only table stores."""
+"""Offset fences and record keys: which records of a batch an append-only table stores."""
 
 from __future__ import annotations
 
@@ -17,31 +17,43 @@ def record(offset: int, events: int = 2, *, partition: int = 0, key: str | None 
     return [Row((i,), origin, i) for i in range(events)]
 
 
-def test_rows_below_their_partitions_fence_are_skipped():
+def offsets(rows: list[Row]) -> list[tuple[int, int, int]]:
+    return [(r.origin.partition, r.origin.offset, r.index) for r in rows]
+
+
+def test_a_batch_is_planned_per_record():
+    rows = record(4, 3) + record(5, 1) + record(2, 2, partition=1)
+    batch = fence.runs(rows)
+    assert [(r.origin.offset, r.start, r.end) for r in batch] == [(4, 0, 3), (5, 3, 4), (2, 4, 6)]
+    assert fence.rows_of(rows, batch[1:]) == rows[3:]
+    assert fence.runs([]) == []
+
+
+def test_records_below_their_partitions_fence_are_skipped():
     rows = record(4) + record(5) + record(2, partition=1) + record(3, partition=1)
-    kept = fence.above(rows, {("t", 0): 5, ("t", 1): 0})
-    kept_records = [(r.origin.partition, r.origin.offset) for r in kept]
-    assert kept_records == [(0, 5), (0, 5), (1, 2), (1, 2), (1, 3), (1, 3)]
+    kept = fence.above(fence.runs(rows), {("t", 0): 5, ("t", 1): 0})
+    assert offsets(fence.rows_of(rows, kept)) == [
+        (0, 5, 0), (0, 5, 1), (1, 2, 0), (1, 2, 1), (1, 3, 0), (1, 3, 1)]
 
 
-def test_fences_move_past_every_row_seen_skipped_or_not():
-    rows = record(9, partition=1) + record(4) + record(5) + record(7, partition=1)
-    assert fence.partitions(rows) == [("t", 0), ("t", 1)]
-    assert fence.next_fences(rows) == [("t", 0, 6), ("t", 1, 10)]
+def test_fences_move_past_every_record_seen_skipped_or_not():
+    batch = fence.runs(record(9, partition=1) + record(4) + record(5) + record(7, partition=1))
+    assert fence.partitions(batch) == [("t", 0), ("t", 1)]
+    assert fence.next_fences(batch) == [("t", 0, 6), ("t", 1, 10)]
 
 
 def test_a_key_seen_twice_in_one_batch_keeps_its_first_record_only():
     first, copy = record(3, key="k", rid="a"), record(8, key="k", rid="b")
     other_part = record(9, key="k", part=1, rid="c")
     unkeyed = record(10, rid="d")
-    rows = first + copy + other_part + unkeyed
-    keys = fence.record_keys(rows)
+    batch = fence.runs(first + copy + other_part + unkeyed)
+    keys = fence.record_keys(batch)
     assert keys == [("pos", "k", 0), ("pos", "k", 1)]
-    kept = fence.first_of_fresh_keys(rows, set(keys))
+    kept = fence.first_of_fresh_keys(batch, set(keys))
     assert fence.written(kept) == {"a": 2, "c": 2, "d": 2}
 
 
 def test_a_key_already_recorded_drops_its_records():
-    rows = record(3, key="old", rid="a") + record(4, key="new", rid="b")
-    kept = fence.first_of_fresh_keys(rows, {("pos", "new", 0)})
+    batch = fence.runs(record(3, key="old", rid="a") + record(4, key="new", rid="b"))
+    kept = fence.first_of_fresh_keys(batch, {("pos", "new", 0)})
     assert fence.written(kept) == {"b": 2}

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import chain
 
-from workers.rows import Row
+from workers.rows import Origin, Row
 
 OFFSETS_TABLE = "_sluice_offsets"
 KEYS_TABLE = "_sluice_idempotency"
@@ -32,36 +34,60 @@ Partition = tuple[str, int]
 RecordKey = tuple[str, str, int]  # connector, idempotency key, part
 
 
-def partitions(rows: Iterable[Row]) -> list[Partition]:
-    """The (topic, partition) pairs of these rows, sorted: fence rows are locked in one order."""
-    return sorted({(r.origin.topic, r.origin.partition) for r in rows})
+@dataclass(slots=True)
+class Run:
+    """Adjacent rows of one record: ``rows[start:end]`` of the batch, and their origin."""
+
+    origin: Origin
+    start: int
+    end: int
 
 
-def above(rows: list[Row], fences: dict[Partition, int]) -> list[Row]:
-    """The rows of records at or past their partition's fence (not stored yet)."""
-    return [r for r in rows
+def runs(rows: list[Row]) -> list[Run]:
+    """The batch as runs of rows sharing one origin, so the planning below is per record
+    (a record's rows are adjacent and share their Origin object; one identity test per row).
+    """
+    out: list[Run] = []
+    last = None
+    for i, row in enumerate(rows):
+        if row.origin is not last:
+            last = row.origin
+            if out:
+                out[-1].end = i
+            out.append(Run(last, i, len(rows)))
+    return out
+
+
+def partitions(batch: Iterable[Run]) -> list[Partition]:
+    """The (topic, partition) pairs of the batch, sorted: fence rows are locked in one order."""
+    return sorted({(r.origin.topic, r.origin.partition) for r in batch})
+
+
+def above(batch: list[Run], fences: dict[Partition, int]) -> list[Run]:
+    """The records at or past their partition's fence (not stored yet)."""
+    return [r for r in batch
             if r.origin.offset >= fences.get((r.origin.topic, r.origin.partition), 0)]
 
 
-def record_keys(rows: Iterable[Row]) -> list[RecordKey]:
-    """The distinct idempotency keys of these rows' records, first seen first."""
+def record_keys(batch: Iterable[Run]) -> list[RecordKey]:
+    """The distinct idempotency keys of the batch's records, first seen first."""
     keys: dict[RecordKey, None] = {}
-    for r in rows:
+    for r in batch:
         o = r.origin
         if o.idempotency_key is not None:
             keys[(o.connector, o.idempotency_key, o.part)] = None
     return list(keys)
 
 
-def first_of_fresh_keys(rows: list[Row], fresh: set[RecordKey]) -> list[Row]:
-    """Rows of records without a key, or of the first record of a key recorded just now.
+def first_of_fresh_keys(batch: list[Run], fresh: set[RecordKey]) -> list[Run]:
+    """Records without a key, or the first record of a key recorded just now.
 
     Two records of one key in one batch (a request and its republished copy) are stored once:
     the first, in offset order.
     """
     owners: dict[RecordKey, tuple[str, int, int]] = {}
     kept = []
-    for r in rows:
+    for r in batch:
         o = r.origin
         if o.idempotency_key is None:
             kept.append(r)
@@ -74,10 +100,10 @@ def first_of_fresh_keys(rows: list[Row], fresh: set[RecordKey]) -> list[Row]:
     return kept
 
 
-def next_fences(rows: Iterable[Row]) -> list[tuple[str, int, int]]:
-    """(topic, partition, next offset) once these rows' records are handled, sorted."""
+def next_fences(batch: Iterable[Run]) -> list[tuple[str, int, int]]:
+    """(topic, partition, next offset) once the batch's records are handled, sorted."""
     ends: dict[Partition, int] = {}
-    for r in rows:
+    for r in batch:
         o = r.origin
         tp = (o.topic, o.partition)
         if o.offset >= ends.get(tp, -1):
@@ -85,6 +111,14 @@ def next_fences(rows: Iterable[Row]) -> list[tuple[str, int, int]]:
     return [(t, p, end + 1) for (t, p), end in sorted(ends.items())]
 
 
-def written(rows: Iterable[Row]) -> Counter:
-    """Rows stored per request id."""
-    return Counter(r.origin.request_id for r in rows)
+def rows_of(rows: list[Row], batch: Iterable[Run]) -> list[Row]:
+    """The rows of these records, in batch order."""
+    return list(chain.from_iterable(rows[r.start:r.end] for r in batch))
+
+
+def written(batch: Iterable[Run]) -> Counter:
+    """Rows per request id."""
+    counts: Counter = Counter()
+    for r in batch:
+        counts[r.origin.request_id] += r.end - r.start
+    return counts

@@ -154,18 +154,19 @@ class PostgresSink:
 async def _append(conn: asyncpg.Connection, table: str, names: list[str],
                   rows: list[Row]) -> Counter:
     """COPY the rows not stored yet straight into the table, behind the offset fences."""
-    topics, numbers = map(list, zip(*fence.partitions(rows), strict=True))
+    batch = fence.runs(rows)
+    topics, numbers = map(list, zip(*fence.partitions(batch), strict=True))
     await conn.execute(_NEW_FENCES, table, topics, numbers)
     fences = {(t, p): n for t, p, n in await conn.fetch(_LOCK_FENCES, table, topics, numbers)}
-    fresh = fence.above(rows, fences)
+    fresh = fence.above(batch, fences)
     keys = fence.record_keys(fresh)
     if keys:
         connectors, tokens, parts = map(list, zip(*keys, strict=True))
         recorded = await conn.fetch(_RECORD_KEYS, table, connectors, tokens, parts)
         fresh = fence.first_of_fresh_keys(fresh, {tuple(r) for r in recorded})
     if fresh:
-        await conn.copy_records_to_table(table, records=[row.columns() for row in fresh],
-                                         columns=names)
-    topics, numbers, ends = map(list, zip(*fence.next_fences(rows), strict=True))
+        await conn.copy_records_to_table(
+            table, records=[row.columns() for row in fence.rows_of(rows, fresh)], columns=names)
+    topics, numbers, ends = map(list, zip(*fence.next_fences(batch), strict=True))
     await conn.execute(_ADVANCE_FENCES, table, topics, numbers, ends)
     return fence.written(fresh)

@@ -164,8 +164,7 @@ class SqliteSink:
         sql, fenced = self._sql[table]
         if fenced:
             with self._conn:
-                stored = self._append(table, sql, rows)
-            return WriteResult(fence.written(stored))
+                return WriteResult(fence.written(self._append(table, sql, rows)))
         by_request: dict[str | None, list[tuple]] = {}
         for row in rows:
             by_request.setdefault(row.origin.request_id, []).append(row.columns())
@@ -180,11 +179,12 @@ class SqliteSink:
                     written[request_id] += conn.total_changes - before
         return WriteResult(written)
 
-    def _append(self, table: str, sql: str, rows: list[Row]) -> list[Row]:
-        """Insert the rows not stored yet, behind the offset fences; the rows inserted."""
+    def _append(self, table: str, sql: str, rows: list[Row]) -> list[fence.Run]:
+        """Insert the rows not stored yet, behind the offset fences; the records inserted."""
         assert self._conn is not None
         conn = self._conn
-        parts = fence.partitions(rows)
+        batch = fence.runs(rows)
+        parts = fence.partitions(batch)
         # the first write takes SQLite's one write lock: the fences read below stay current
         conn.executemany(f"INSERT OR IGNORE INTO {fence.OFFSETS_TABLE} "
                          "(table_name, topic, partition, next_offset) VALUES (?, ?, ?, 0)",
@@ -192,15 +192,15 @@ class SqliteSink:
         fences = {(t, p): conn.execute(
             f"SELECT next_offset FROM {fence.OFFSETS_TABLE} WHERE table_name = ? AND topic = ? "
             "AND partition = ?", (table, t, p)).fetchone()[0] for t, p in parts}
-        fresh = fence.above(rows, fences)
+        fresh = fence.above(batch, fences)
         keys = fence.record_keys(fresh)
         if keys:
             recorded = {key for key in keys if conn.execute(
                 f"INSERT OR IGNORE INTO {fence.KEYS_TABLE} (table_name, connector, "
                 "idempotency_key, part) VALUES (?, ?, ?, ?)", (table, *key)).rowcount}
             fresh = fence.first_of_fresh_keys(fresh, recorded)
-        conn.executemany(sql, [row.columns() for row in fresh])
+        conn.executemany(sql, [row.columns() for row in fence.rows_of(rows, fresh)])
         conn.executemany(f"UPDATE {fence.OFFSETS_TABLE} SET next_offset = ? WHERE "
                          "table_name = ? AND topic = ? AND partition = ? AND next_offset < ?",
-                         [(n, table, t, p, n) for t, p, n in fence.next_fences(rows)])
+                         [(n, table, t, p, n) for t, p, n in fence.next_fences(batch)])
         return fresh
