@@ -14,7 +14,7 @@ from schemas import metrics
 from schemas import outcomes as o
 from schemas import windows as w
 from workers.decode import DeadLetter
-from workers.rows import Origin, Row
+from workers.rows import Origin, Row, runs
 
 
 def _ms(origin: Origin) -> int:
@@ -41,12 +41,12 @@ class BatchOutcome:
     def stored(self, dataset: str, rows: list[Row], written: Counter) -> None:
         """``rows`` were offered to storage; ``written`` counts, per request, those that took."""
         offered: Counter = Counter()
-        for row in rows:
-            origin = row.origin
+        for run in runs(rows):
+            origin = run.origin
             key = (origin.connector, origin.request_id, origin.session_id)
             if key not in offered and origin.request_id is not None:
                 self.received_ms[(origin.connector, origin.request_id)] = _ms(origin)
-            offered[key] += 1
+            offered[key] += run.end - run.start
         left = Counter(written)
         for (connector, rid, session_id), count in offered.items():
             took = min(count, left[rid])

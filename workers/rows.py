@@ -51,6 +51,29 @@ class Row:
         return self.values + self.origin.meta + (self.index,)  # tuple concatenation: fastest
 
 
+@dataclass(slots=True)
+class Run:
+    """Adjacent rows of one record: ``rows[start:end]`` of a batch, and their origin."""
+
+    origin: Origin
+    start: int
+    end: int
+
+
+def runs(rows: list[Row]) -> list[Run]:
+    """A batch's rows as runs sharing one origin, so per-record work is done per record (a
+    record's rows are adjacent and share their Origin object: one identity test per row)."""
+    out: list[Run] = []
+    last = None
+    for i, row in enumerate(rows):
+        if row.origin is not last:
+            last = row.origin
+            if out:
+                out[-1].end = i
+            out.append(Run(last, i, len(rows)))
+    return out
+
+
 def table_columns(structure: Structure) -> list[tuple[str, str]]:
     """(name, kind) of every column of a dataset's table, in order."""
     return structure.data_columns + [(m.name, m.kind) for m in META_COLUMNS]

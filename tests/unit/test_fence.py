@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from workers.rows import Origin, Row
+from workers.rows import Origin, Row, runs
 from workers.sinks import fence
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
@@ -23,21 +23,21 @@ def offsets(rows: list[Row]) -> list[tuple[int, int, int]]:
 
 def test_a_batch_is_planned_per_record():
     rows = record(4, 3) + record(5, 1) + record(2, 2, partition=1)
-    batch = fence.runs(rows)
+    batch = runs(rows)
     assert [(r.origin.offset, r.start, r.end) for r in batch] == [(4, 0, 3), (5, 3, 4), (2, 4, 6)]
     assert fence.rows_of(rows, batch[1:]) == rows[3:]
-    assert fence.runs([]) == []
+    assert runs([]) == []
 
 
 def test_records_below_their_partitions_fence_are_skipped():
     rows = record(4) + record(5) + record(2, partition=1) + record(3, partition=1)
-    kept = fence.above(fence.runs(rows), {("t", 0): 5, ("t", 1): 0})
+    kept = fence.above(runs(rows), {("t", 0): 5, ("t", 1): 0})
     assert offsets(fence.rows_of(rows, kept)) == [
         (0, 5, 0), (0, 5, 1), (1, 2, 0), (1, 2, 1), (1, 3, 0), (1, 3, 1)]
 
 
 def test_fences_move_past_every_record_seen_skipped_or_not():
-    batch = fence.runs(record(9, partition=1) + record(4) + record(5) + record(7, partition=1))
+    batch = runs(record(9, partition=1) + record(4) + record(5) + record(7, partition=1))
     assert fence.partitions(batch) == [("t", 0), ("t", 1)]
     assert fence.next_fences(batch) == [("t", 0, 6), ("t", 1, 10)]
 
@@ -46,7 +46,7 @@ def test_a_key_seen_twice_in_one_batch_keeps_its_first_record_only():
     first, copy = record(3, key="k", rid="a"), record(8, key="k", rid="b")
     other_part = record(9, key="k", part=1, rid="c")
     unkeyed = record(10, rid="d")
-    batch = fence.runs(first + copy + other_part + unkeyed)
+    batch = runs(first + copy + other_part + unkeyed)
     keys = fence.record_keys(batch)
     assert keys == [("pos", "k", 0), ("pos", "k", 1)]
     kept = fence.first_of_fresh_keys(batch, set(keys))
@@ -54,6 +54,6 @@ def test_a_key_seen_twice_in_one_batch_keeps_its_first_record_only():
 
 
 def test_a_key_already_recorded_drops_its_records():
-    batch = fence.runs(record(3, key="old", rid="a") + record(4, key="new", rid="b"))
+    batch = runs(record(3, key="old", rid="a") + record(4, key="new", rid="b"))
     kept = fence.first_of_fresh_keys(batch, {("pos", "new", 0)})
     assert fence.written(kept) == {"b": 2}

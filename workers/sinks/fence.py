@@ -15,47 +15,23 @@ The rows then go into the table as they are (COPY in PostgreSQL) with no per-row
 relies on what the consumer does anyway: every row of a record comes in one write, and a
 partition's records come in offset order.
 
-The planning here is pure; each sink runs the statements in its own dialect.
+The planning here is pure and per record (``workers.rows.runs``); each sink runs the
+statements in its own dialect.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from itertools import chain
 
-from workers.rows import Origin, Row
+from workers.rows import Row, Run
 
 OFFSETS_TABLE = "_sluice_offsets"
 KEYS_TABLE = "_sluice_idempotency"
 
 Partition = tuple[str, int]
 RecordKey = tuple[str, str, int]  # connector, idempotency key, part
-
-
-@dataclass(slots=True)
-class Run:
-    """Adjacent rows of one record: ``rows[start:end]`` of the batch, and their origin."""
-
-    origin: Origin
-    start: int
-    end: int
-
-
-def runs(rows: list[Row]) -> list[Run]:
-    """The batch as runs of rows sharing one origin, so the planning below is per record
-    (a record's rows are adjacent and share their Origin object; one identity test per row).
-    """
-    out: list[Run] = []
-    last = None
-    for i, row in enumerate(rows):
-        if row.origin is not last:
-            last = row.origin
-            if out:
-                out[-1].end = i
-            out.append(Run(last, i, len(rows)))
-    return out
 
 
 def partitions(batch: Iterable[Run]) -> list[Partition]:

@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 
 from schemas.structure import Structure
-from workers.rows import Row, table_columns
+from workers.rows import Row, runs, table_columns
 from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
@@ -154,7 +154,7 @@ class PostgresSink:
 async def _append(conn: asyncpg.Connection, table: str, names: list[str],
                   rows: list[Row]) -> Counter:
     """COPY the rows not stored yet straight into the table, behind the offset fences."""
-    batch = fence.runs(rows)
+    batch = runs(rows)
     topics, numbers = map(list, zip(*fence.partitions(batch), strict=True))
     await conn.execute(_NEW_FENCES, table, topics, numbers)
     fences = {(t, p): n for t, p, n in await conn.fetch(_LOCK_FENCES, table, topics, numbers)}

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import orjson
 
 from schemas.structure import Structure
-from workers.rows import Row, table_columns
+from workers.rows import Row, runs, table_columns
 from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
@@ -183,7 +183,7 @@ class SqliteSink:
         """Insert the rows not stored yet, behind the offset fences; the records inserted."""
         assert self._conn is not None
         conn = self._conn
-        batch = fence.runs(rows)
+        batch = runs(rows)
         parts = fence.partitions(batch)
         # the first write takes SQLite's one write lock: the fences read below stay current
         conn.executemany(f"INSERT OR IGNORE INTO {fence.OFFSETS_TABLE} "
