@@ -254,18 +254,18 @@ def to_boolean(value: Any) -> bool:
 
 def to_timestamp(value: Any) -> datetime:
     """ISO 8601 text (naive means UTC) or epoch seconds/milliseconds, as an aware UTC time."""
-    if isinstance(value, bool):
-        raise TypeError("expected a date-time, got a boolean")
-    if isinstance(value, _NUMBERS):
-        seconds = value / 1000 if abs(value) >= 100_000_000_000 else value
-        return datetime.fromtimestamp(seconds, UTC)
-    if isinstance(value, str):
+    if isinstance(value, str):  # text first: the common case
         parsed = datetime.fromisoformat(value.strip())
         if parsed.tzinfo is UTC:  # "...Z": already what we store
             return parsed
         if parsed.tzinfo is None:
             return parsed.replace(tzinfo=UTC)
         return parsed.astimezone(UTC)
+    if isinstance(value, bool):
+        raise TypeError("expected a date-time, got a boolean")
+    if isinstance(value, _NUMBERS):
+        seconds = value / 1000 if abs(value) >= 100_000_000_000 else value
+        return datetime.fromtimestamp(seconds, UTC)
     raise TypeError(f"expected a date-time, got {type(value).__name__}")
 
 

@@ -10,6 +10,8 @@ batch finish, commits it and leaves the group.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import signal
 import time
@@ -138,7 +140,8 @@ class Worker:
         delay = 0.2
         while True:
             try:
-                await self.process(batch)
+                with _collector_paused():
+                    await self.process(batch)
                 break
             except StorageSchemaError:
                 raise  # needs a person: stop with the message
@@ -208,6 +211,22 @@ class Worker:
         await outcome.write(self.redis, self.account, self.account_requests,
                             self.settings.log_max_age_s)
         return outcome
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """No cyclic garbage collection while a batch is handled; it resumes after the batch.
+
+    A batch allocates a few hundred thousand tuples and rows that hold no cycles and die with
+    the batch; with the collector on, its generational passes ran hundreds of times per batch
+    and kept rescanning the live rows (about 0.7 us of 5 per event). Cycles made meanwhile
+    (by the Kafka or Redis clients) wait at most one batch; retries sleep with it on.
+    """
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 async def run_worker(settings: WorkerSettings) -> None:
