@@ -44,7 +44,7 @@ VARIABLES: Variables = {
                          "consumer processes (useful up to the number of partitions)"),
     "WORKER_BATCH_SIZE": ("batch_size", "5000", int_range(1, 1_000_000),
                           "records per batch at most"),
-    "WORKER_BATCH_MAX_BYTES": ("batch_max_bytes", "8388608", int_range(1024),
+    "WORKER_BATCH_MAX_BYTES": ("batch_max_bytes", "1048576", int_range(1024),
                                "record bytes per batch at most (a record larger than that "
                                "still comes alone): bounds memory whatever the records hold"),
     "WORKER_BATCH_MS": ("batch_ms", "200", int_range(1, 60_000),
