@@ -53,6 +53,13 @@ def conflict_target(structure: Structure) -> list[str] | None:
     return None
 
 
+def legacy_idempotency_index_sql(table: str) -> str:
+    """The per-row Idempotency-Key index of append-only tables created before fences."""
+    return (f"CREATE UNIQUE INDEX IF NOT EXISTS {quote(table + '__idempotency')} ON "
+            f"{quote(table)} (_connector, _idempotency_key, _part, _index) "
+            "WHERE _idempotency_key IS NOT NULL")
+
+
 def create_table_sql(structure: Structure, columns: list[tuple[str, str]], type_of) -> str:
     defs = [f"{quote(n)} {type_of(k)}" for n, k in columns]
     target = conflict_target(structure)

@@ -18,6 +18,7 @@ from workers.sinks.base import (
     check_columns,
     conflict_target,
     create_table_sql,
+    legacy_idempotency_index_sql,
     quote,
 )
 
@@ -106,10 +107,7 @@ class PostgresSink:
             if conflict_target(structure) is None:
                 merge = await conn.fetchval(_HAS_UNIQUE, quote(table), list(LEGACY_APPEND_KEY))
                 if merge:  # created before fences: its unique keys keep it exactly once
-                    await conn.execute(
-                        f"CREATE UNIQUE INDEX IF NOT EXISTS {quote(table + '__idempotency')} "
-                        f"ON {quote(table)} (_connector, _idempotency_key, _part, _index) "
-                        "WHERE _idempotency_key IS NOT NULL")
+                    await conn.execute(legacy_idempotency_index_sql(table))
                 else:
                     for sql in _FENCE_TABLES:
                         await conn.execute(sql)

@@ -26,6 +26,7 @@ from workers.sinks.base import (
     check_columns,
     conflict_target,
     create_table_sql,
+    legacy_idempotency_index_sql,
     quote,
 )
 
@@ -118,10 +119,7 @@ class SqliteSink:
             if conflict_target(structure) is None:
                 if self._has_unique(table, LEGACY_APPEND_KEY):
                     # created before fences: its unique keys keep it exactly once
-                    self._conn.execute(
-                        f"CREATE UNIQUE INDEX IF NOT EXISTS {quote(table + '__idempotency')} "
-                        f"ON {quote(table)} (_connector, _idempotency_key, _part, _index) "
-                        "WHERE _idempotency_key IS NOT NULL")
+                    self._conn.execute(legacy_idempotency_index_sql(table))
                 else:
                     fenced = True
                     for sql in _FENCE_TABLES:
