@@ -27,9 +27,12 @@ class Origin:
 
     def __post_init__(self) -> None:
         # the metadata columns but the last (_index), built once per record, not per event
-        object.__setattr__(self, "meta", (
-            self.request_id, self.connector, self.received_at, self.session_id, self.sync_id,
-            self.idempotency_key, self.part, self.topic, self.partition, self.offset))
+        object.__setattr__(self, "meta", self.meta_with(self.received_at))
+
+    def meta_with(self, received_at: Any) -> tuple:
+        """The metadata columns but the last, with the receive time in a store's own form."""
+        return (self.request_id, self.connector, received_at, self.session_id, self.sync_id,
+                self.idempotency_key, self.part, self.topic, self.partition, self.offset)
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, per event

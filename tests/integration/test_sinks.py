@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import asyncpg
 import pytest
@@ -87,6 +87,24 @@ async def test_typed_columns(sink, storage_url):
         assert got == ("North", 12.5, 3, True, date(2026, 1, 2),
                        datetime(2026, 1, 2, 2, 4, 5, tzinfo=UTC), "pos", ["a"],
                        {"surprise": 1}, "pos")
+
+
+@pytest.mark.parametrize("item_key", [None, "region"])  # the append path, the merge path
+async def test_each_row_keeps_its_records_metadata(sink, storage_url, item_key):
+    s = structure(item_key=item_key) if item_key else structure()
+    await sink.prepare(s)
+    first = origin(7, T0 + timedelta(microseconds=1), rid="r7", partition=1)
+    second = origin(8, T0 + timedelta(days=400, seconds=3), rid="r8", partition=1)
+    rows = [row(s, {"region": f"{o.offset}-{i}"}, o, i) for o in (first, second) for i in (0, 1)]
+    assert (await sink.write(s, rows)).total == 4
+    got = await read(sink, storage_url, "SELECT region, _request_id, _received_at, _offset, "
+                     "_index FROM sales ORDER BY region")
+    if storage_url.startswith("sqlite"):
+        stamp = {first: "2026-11-24T12:00:00.000001Z", second: "2027-12-29T12:00:03.000000Z"}
+    else:
+        stamp = {first: first.received_at, second: second.received_at}
+    assert got == [(f"{o.offset}-{i}", o.request_id, stamp[o], o.offset, i)
+                   for o in (first, second) for i in (0, 1)]
 
 
 async def test_redelivery_stores_nothing_twice(sink, storage_url):
@@ -241,3 +259,40 @@ async def test_schema_growth_adds_columns_and_type_changes_stop(sink, storage_ur
     s3 = Structure(parse_dataset({"id": "sales", "schema": changed}, Limits()))
     with pytest.raises(StorageSchemaError, match="units"):
         await sink.prepare(s3)
+
+
+async def test_postgres_timestamps_encode_as_asyncpg_does(postgres_url):
+    """The sink's own timestamptz codec writes and reads exactly what asyncpg's does."""
+    from zoneinfo import ZoneInfo
+
+    from workers.sinks.postgres import _init_connection
+
+    values = [T0, datetime(2026, 11, 24, 12, 0, 0, 999_999, tzinfo=UTC),
+              datetime(1999, 12, 31, 23, 59, 59, 1, tzinfo=UTC),  # before the PG epoch
+              datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, 999_999, UTC),
+              datetime(2026, 3, 29, 2, 30, tzinfo=ZoneInfo("Europe/Paris")),
+              datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+              datetime(2026, 1, 2, 3, 4, 5),  # naive: local time, for both
+              datetime.max, datetime.min,  # naive max and min: the infinities, for both
+              date(2026, 1, 2)]  # a date: local midnight, for both
+    plain = await asyncpg.connect(postgres_url)
+    ours = await asyncpg.connect(postgres_url)
+    try:
+        await _init_connection(ours)
+        await plain.execute("CREATE TABLE ts (n int, via text, at timestamptz)")
+        for via, conn in (("asyncpg", plain), ("sink", ours)):
+            await conn.copy_records_to_table(
+                "ts", records=[(n, via, v) for n, v in enumerate(values)])
+        differ = await plain.fetch("SELECT a.n FROM ts a JOIN ts b USING (n) WHERE a.via = "
+                                   "'asyncpg' AND b.via = 'sink' AND a.at IS DISTINCT FROM b.at")
+        assert differ == [] and await plain.fetchval("SELECT count(*) FROM ts") == 2 * len(values)
+        assert await plain.fetchval("SELECT count(*) FROM ts WHERE at = 'infinity'") == 4
+        read_plain = [r["at"] for r in await plain.fetch("SELECT at FROM ts ORDER BY via, n")]
+        read_ours = [r["at"] for r in await ours.fetch("SELECT at FROM ts ORDER BY via, n")]
+        assert read_ours == read_plain
+        for conn in (plain, ours):  # not a date or datetime: refused the same way
+            with pytest.raises(asyncpg.DataError, match=r"expected a datetime\.date or datetime"):
+                await conn.execute("INSERT INTO ts VALUES (0, 'x', $1)", "2026-01-01")
+    finally:
+        await plain.close()
+        await ours.close()
