@@ -84,6 +84,7 @@ class Structure:
         names = [n for n, _ in self.data_columns]
         self.data_names = tuple(names)
         self.key_index = names.index(self.key_column) if self.key_column else None
+        self.row_values = compile_shaper(self)  # type: ignore[method-assign]
 
     @property
     def data_columns(self) -> list[tuple[str, str]]:
@@ -100,7 +101,8 @@ class Structure:
     def row_values(self, item: Any) -> tuple:
         """The row for one item, values in ``data_names`` order; raises ShapeError.
 
-        The workers' per-event hot path: no dict per row, no path walk for top-level fields.
+        The workers' per-event hot path. Replaced in each instance by the same steps
+        compiled for its columns (compile_shaper); this loop over the plan is their reference.
         """
         if not isinstance(item, dict):
             raise ShapeError("$", f"an item must be a JSON object, not {type(item).__name__}")
@@ -126,6 +128,77 @@ class Structure:
             else:
                 append({k: v for k, v in item.items() if k not in self._known_top})
         return tuple(values)
+
+
+# A value of this exact type that passes this test is its own coercion (the to_* functions
+# return it unchanged): the compiled shaper skips the call. Timestamps and dates always convert.
+_IDENTITY = {
+    "text": "type({v}) is str",
+    "integer": "type({v}) is int",
+    "number": "type({v}) is float and {v} - {v} == 0.0",  # finite, as to_number requires
+    "boolean": "type({v}) is bool",
+    "json": "True",
+}
+
+
+def compile_shaper(structure: Structure) -> Callable[[Any], tuple]:
+    """Structure.row_values with the loop over the columns unrolled, once per dataset: no
+    per-column tuple, call or list append, and no coercion call for a value that already has
+    its column's type (1.28 -> 0.55 us per event of the `sales` example).
+
+    Only identifiers made here go into the source; field names, paths, defaults and the
+    coercions are bound as arguments of the enclosing function, never written into the code.
+    """
+    bound: dict[str, Any] = {"MISSING": _MISSING, "ShapeError": ShapeError, "get_path": _get,
+                             "ERRORS": (ValueError, TypeError, OverflowError),
+                             "KNOWN": structure._known_top}
+    body = ["if not isinstance(item, dict):",
+            "    raise ShapeError('$', 'an item must be a JSON object, not '"
+            " + type(item).__name__)"]
+    names = []
+    for i, column in enumerate(structure.columns):
+        v = f"v{i}"
+        names.append(v)
+        bound.update({f"top{i}": column.path[0], f"path{i}": column.path,
+                      f"where{i}": _dotted(column.path), f"coerce{i}": _COERCE[column.kind],
+                      f"default{i}": column.default})
+        body.append(f"{v} = item.get(top{i}, MISSING)" if len(column.path) == 1
+                    else f"{v} = get_path(item, path{i})")
+        convert = _conversion(v, i, column.kind)
+        body.append(f"if {v} is MISSING or {v} is None:")
+        if column.default is not _MISSING:
+            body += [f"    {v} = default{i}", *convert]
+        elif column.required:
+            body += [f"    raise ShapeError(where{i}, 'is required')", *convert]
+        else:  # optional: absent or null stays None, without conversion
+            body += [f"    {v} = None", *(["else:", *_indented(convert)] if convert else [])]
+    if structure.keep_unknown:
+        names.append("extra")
+        body += ["extra = (None if item.keys() <= KNOWN else",
+                 "         {k: x for k, x in item.items() if k not in KNOWN})"]
+    body.append(f"return ({', '.join(names)}{',' if len(names) == 1 else ''})")
+    source = (f"def make({', '.join(bound)}):\n    def row_values(item):\n"
+              + "".join(f"        {line}\n" for line in body) + "    return row_values\n")
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<shaper of dataset {structure.dataset.id}>", "exec"), namespace)
+    return namespace["make"](**bound)
+
+
+def _conversion(v: str, i: int, kind: str) -> list[str]:
+    """Source lines that coerce local ``v`` with column ``i``'s coercion, unless it already
+    has the column's type."""
+    identity = _IDENTITY.get(kind)
+    if identity == "True":
+        return []
+    lines = ["try:", f"    {v} = coerce{i}({v})", "except ERRORS as exc:",
+             f"    raise ShapeError(where{i}, str(exc)) from None"]
+    if identity is None:
+        return lines
+    return [f"if not ({identity.format(v=v)}):", *_indented(lines)]
+
+
+def _indented(lines: list[str]) -> list[str]:
+    return ["    " + line for line in lines]
 
 
 def _column_of(field: str | None) -> str | None:
