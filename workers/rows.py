@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,11 +24,6 @@ class Origin:
     topic: str
     partition: int
     offset: int
-    meta: tuple = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # the metadata columns but the last (_index), built once per record, not per event
-        object.__setattr__(self, "meta", self.meta_with(self.received_at))
 
     def meta_with(self, received_at: Any) -> tuple:
         """The metadata columns but the last, with the receive time in a store's own form."""
@@ -48,10 +44,6 @@ class Row:
         """Last-writer-wins order: receive time, then position (deterministic on ties)."""
         o = self.origin
         return (o.received_at, o.partition, o.offset, self.index)
-
-    def columns(self) -> tuple:
-        """Every column of the table row, in table order."""
-        return self.values + self.origin.meta + (self.index,)  # tuple concatenation: fastest
 
 
 @dataclass(slots=True)
@@ -75,6 +67,18 @@ def runs(rows: list[Row]) -> list[Run]:
                 out[-1].end = i
             out.append(Run(last, i, len(rows)))
     return out
+
+
+def table_rows(rows: list[Row], batch: Iterable[Run],
+               received_at: Callable[[datetime], Any]) -> list[tuple]:
+    """Every column of the table rows of these records, in table order: the row's values, its
+    record's metadata, its index. A record's metadata is built once for all its rows, with
+    its receive time already in the store's form (``received_at``): one conversion per
+    record, not per row."""
+    return [row.values + meta + (row.index,)  # tuple concatenation: the fastest way
+            for run in batch
+            for meta in (run.origin.meta_with(received_at(run.origin.received_at)),)
+            for row in rows[run.start:run.end]]
 
 
 def table_columns(structure: Structure) -> list[tuple[str, str]]:

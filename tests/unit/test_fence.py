@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from workers.rows import Origin, Row, runs
+from workers.rows import Origin, Row, runs, table_rows
 from workers.sinks import fence
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
@@ -17,22 +17,33 @@ def record(offset: int, events: int = 2, *, partition: int = 0, key: str | None 
     return [Row((i,), origin, i) for i in range(events)]
 
 
-def offsets(rows: list[Row]) -> list[tuple[int, int, int]]:
-    return [(r.origin.partition, r.origin.offset, r.index) for r in rows]
+def stored(rows: list[Row], batch) -> list[tuple[int, int, int]]:
+    """(partition, offset, index) of the table rows of these records."""
+    return [columns[-3:] for columns in table_rows(rows, batch, str)]
 
 
 def test_a_batch_is_planned_per_record():
     rows = record(4, 3) + record(5, 1) + record(2, 2, partition=1)
     batch = runs(rows)
     assert [(r.origin.offset, r.start, r.end) for r in batch] == [(4, 0, 3), (5, 3, 4), (2, 4, 6)]
-    assert fence.rows_of(rows, batch[1:]) == rows[3:]
+    assert stored(rows, batch[1:]) == [(0, 5, 0), (1, 2, 0), (1, 2, 1)]
     assert runs([]) == []
+
+
+def test_table_rows_convert_each_records_receive_time_once():
+    rows = record(4, 3, key="k") + record(5, 2, rid="x")
+    converted = []
+    got = table_rows(rows, runs(rows), lambda t: converted.append(t) or f"at {t:%Y}")
+    assert converted == [T0, T0]  # once per record, not per row
+    assert got[0] == (0, "r4", "pos", "at 2026", None, None, "k", 0, "t", 0, 4, 0)
+    assert got[4] == (1, "x", "pos", "at 2026", None, None, None, 0, "t", 0, 5, 1)
+    assert len(got) == 5
 
 
 def test_records_below_their_partitions_fence_are_skipped():
     rows = record(4) + record(5) + record(2, partition=1) + record(3, partition=1)
     kept = fence.above(runs(rows), {("t", 0): 5, ("t", 1): 0})
-    assert offsets(fence.rows_of(rows, kept)) == [
+    assert stored(rows, kept) == [
         (0, 5, 0), (0, 5, 1), (1, 2, 0), (1, 2, 1), (1, 3, 0), (1, 3, 1)]
 
 

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from itertools import chain
 
-from workers.rows import Row, Run
+from workers.rows import Run
 
 OFFSETS_TABLE = "_sluice_offsets"
 KEYS_TABLE = "_sluice_idempotency"
@@ -85,11 +84,6 @@ def next_fences(batch: Iterable[Run]) -> list[tuple[str, int, int]]:
         if o.offset >= ends.get(tp, -1):
             ends[tp] = o.offset
     return [(t, p, end + 1) for (t, p), end in sorted(ends.items())]
-
-
-def rows_of(rows: list[Row], batch: Iterable[Run]) -> list[Row]:
-    """The rows of these records, in batch order."""
-    return list(chain.from_iterable(rows[r.start:r.end] for r in batch))
 
 
 def written(batch: Iterable[Run]) -> Counter:

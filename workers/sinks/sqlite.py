@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import orjson
 
 from schemas.structure import Structure
-from workers.rows import Row, runs, table_columns
+from workers.rows import Row, runs, table_columns, table_rows
 from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
@@ -50,8 +50,12 @@ def sqlite_type(kind: str) -> str:
 
 
 def timestamp_text(value: datetime) -> str:
-    """Fixed-width UTC text, so comparing text compares times."""
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Fixed-width UTC text, so comparing text compares times (the wall-clock fields: the
+    workers' times are UTC). Not strftime: 0.7 against 1.9 us, and strftime does not pad
+    years before 1000 on glibc."""
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031 -- faster than f-strings
+        value.year, value.month, value.day, value.hour, value.minute, value.second,
+        value.microsecond)
 
 
 def _json_text(value: Any) -> str:
@@ -164,8 +168,9 @@ class SqliteSink:
             with self._conn:
                 return WriteResult(fence.written(self._append(table, sql, rows)))
         by_request: dict[str | None, list[tuple]] = {}
-        for row in rows:
-            by_request.setdefault(row.origin.request_id, []).append(row.columns())
+        for run in runs(rows):
+            by_request.setdefault(run.origin.request_id, []).extend(
+                table_rows(rows, (run,), timestamp_text))
         written: Counter = Counter()
         conn = self._conn
         with conn:
@@ -197,7 +202,7 @@ class SqliteSink:
                 f"INSERT OR IGNORE INTO {fence.KEYS_TABLE} (table_name, connector, "
                 "idempotency_key, part) VALUES (?, ?, ?, ?)", (table, *key)).rowcount}
             fresh = fence.first_of_fresh_keys(fresh, recorded)
-        conn.executemany(sql, [row.columns() for row in fence.rows_of(rows, fresh)])
+        conn.executemany(sql, table_rows(rows, fresh, timestamp_text))
         conn.executemany(f"UPDATE {fence.OFFSETS_TABLE} SET next_offset = ? WHERE "
                          "table_name = ? AND topic = ? AND partition = ? AND next_offset < ?",
                          [(n, table, t, p, n) for t, p, n in fence.next_fences(batch)])
