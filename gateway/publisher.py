@@ -95,7 +95,8 @@ class Publisher:
         if raw is not None and len(raw) <= self._max_record:
             values = [raw]
         else:
-            values = encode_values(items, self._max_record)
+            values = encode_values(items, self._max_record,
+                                   len(raw) if raw is not None else None)
         if len(values) > 1 or len(values[0]) > self._max_record:
             _check_sizes(values, self._max_record)
         started = time.perf_counter()

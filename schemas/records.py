@@ -7,7 +7,7 @@ See docs/kafka-records.md for the contract as published to producers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -64,32 +64,50 @@ class RecordMeta:
         return headers
 
 
-def encode_values(items: Sequence[object], max_bytes: int) -> list[bytes]:
+def encode_values(items: Sequence[object], max_bytes: int,
+                  size_hint: int | None = None) -> list[bytes]:
     """Encode items as JSON-array record values, each at most ``max_bytes`` where possible.
 
     One request normally becomes one record (one append, atomic in Kafka). Only a request
-    larger than ``max_bytes`` is split, at item boundaries; a single item larger than the
-    limit stays whole and is left for the producer to accept or refuse.
+    larger than ``max_bytes`` is split, at item boundaries, into values of which no two
+    neighbours would fit in one; a single item larger than the limit stays whole and is left
+    for the producer to accept or refuse. ``size_hint`` is the size of the JSON body the
+    items came from: one larger than the limit is split at once instead of first being
+    encoded whole.
     """
-    whole = orjson.dumps(items)
-    if len(whole) <= max_bytes or len(items) <= 1:
-        return [whole]
-    return list(_split(items, max_bytes))
+    if size_hint is None or size_hint <= max_bytes or len(items) <= 1:
+        whole = orjson.dumps(items)
+        if len(whole) <= max_bytes or len(items) <= 1:
+            return [whole]
+        size_hint = len(whole)
+    return _merged(_split(items, size_hint, max_bytes), max_bytes)
 
 
-def _split(items: Sequence[object], max_bytes: int) -> Iterator[bytes]:
-    chunk: list[bytes] = []
-    size = 2  # the brackets
-    for item in items:
-        encoded = orjson.dumps(item)
-        extra = len(encoded) + (1 if chunk else 0)
-        if chunk and size + extra > max_bytes:
-            yield b"[" + b",".join(chunk) + b"]"
-            chunk, size, extra = [], 2, len(encoded)
-        chunk.append(encoded)
-        size += extra
-    if chunk:
-        yield b"[" + b",".join(chunk) + b"]"
+def _split(items: Sequence[object], size: int, max_bytes: int) -> list[bytes]:
+    """Slices of equal item counts, as many as ``size`` needs, each encoded in one call; a
+    slice still too large is split again, down to single items. (Encoding item by item and
+    packing them cost four times as much for a 1 MiB request of 9,000 events.)"""
+    step = -(-len(items) // min(len(items), -(-size // max_bytes)))  # >= 2 slices: size > max
+    out: list[bytes] = []
+    for start in range(0, len(items), step):
+        part = items[start:start + step]
+        encoded = orjson.dumps(part)
+        if len(encoded) > max_bytes and len(part) > 1:
+            out += _split(part, len(encoded), max_bytes)
+        else:
+            out.append(encoded)
+    return out
+
+
+def _merged(values: list[bytes], max_bytes: int) -> list[bytes]:
+    """Neighbouring arrays joined while the joined array fits ("[a]" and "[b]": "[a,b]")."""
+    out = [values[0]]
+    for value in values[1:]:
+        if len(out[-1]) + len(value) - 1 <= max_bytes:
+            out[-1] = out[-1][:-1] + b"," + value[1:]
+        else:
+            out.append(value)
+    return out
 
 
 def dlq_topic(entry_topic: str) -> str:

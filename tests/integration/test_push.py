@@ -55,6 +55,24 @@ async def test_202_publishes_one_record_with_headers(gateway):
     assert "sluice-idempotency-key" not in headers
 
 
+async def test_a_request_over_the_record_limit_is_split_into_parts(make_gateway):
+    gateway = await make_gateway(KAFKA_MAX_RECORD_BYTES="2048")
+    items = [{"region": f"r{i:03d}", "revenue": i, "note": "x" * 40} for i in range(150)]
+    body = orjson.dumps(items, option=orjson.OPT_INDENT_2)  # 13 KB; 9 KB without the spaces
+    resp = await gateway.post(body, **{"Idempotency-Key": "split-1"})
+    assert resp.status == 202 and (await resp.json())["items_accepted"] == 150
+    records = sorted(await gateway.published(),  # the parts may be in either partition
+                     key=lambda r: int(dict(r.headers)["sluice-part"].split(b"/")[0]))
+    assert [dict(r.headers)["sluice-part"] for r in records] == [
+        f"{i}/{len(records)}".encode() for i in range(len(records))]
+    assert all(len(r.value) <= 2048 for r in records)
+    assert len(records) <= 2 * -(-len(orjson.dumps(items)) // 2048)  # few, not one per item
+    assert [i for r in records for i in orjson.loads(r.value)] == items
+    again = await gateway.post(body, **{"Idempotency-Key": "split-1"})
+    assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert len(await gateway.published()) == len(records)  # the replay published nothing
+
+
 async def test_single_object_ndjson_and_gzip_bodies(gateway):
     one = await gateway.post(orjson.dumps(ITEMS[0]))
     assert one.status == 202 and (await one.json())["items_received"] == 1

@@ -1,7 +1,11 @@
 """Ingest keys and the entry-topic record format."""
 
+from itertools import pairwise
+
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from schemas.keys import hash_key, key_id_of, matches, new_key
 from schemas.records import H_PART, H_REQUEST_ID, RecordMeta, decode_value, encode_values
@@ -38,6 +42,26 @@ def test_large_requests_split_at_item_boundaries():
     assert len(values) > 1
     assert all(len(v) <= 1000 for v in values)
     assert [i for v in values for i in decode_value(v)] == items
+
+
+_ITEMS = st.lists(st.fixed_dictionaries({"s": st.text(max_size=300),
+                                         "n": st.integers(-(2**63), 2**63 - 1)}),
+                  min_size=1, max_size=60)
+
+
+@settings(max_examples=300)
+@given(items=_ITEMS, max_bytes=st.integers(20, 3000), padded=st.booleans())
+def test_splitting_keeps_every_item_once_in_order_in_values_that_fit(items, max_bytes, padded):
+    # the body the items came from: compact, or with whitespace (bigger than their encoding)
+    body = orjson.dumps(items, option=orjson.OPT_INDENT_2) if padded else orjson.dumps(items)
+    for hint in (None, len(body)):
+        values = encode_values(items, max_bytes, hint)
+        assert [i for v in values for i in decode_value(v)] == items
+        assert all(len(v) <= max_bytes or len(decode_value(v)) == 1 for v in values)
+        # as few as greedy packing would leave: no two neighbours fit in one value
+        assert all(len(a) + len(b) - 1 > max_bytes for a, b in pairwise(values))
+        if len(orjson.dumps(items)) <= max_bytes:
+            assert values == [orjson.dumps(items)]
 
 
 def test_a_single_event_value_decodes_as_one_event():
