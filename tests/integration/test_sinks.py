@@ -296,3 +296,15 @@ async def test_postgres_timestamps_encode_as_asyncpg_does(postgres_url):
     finally:
         await plain.close()
         await ours.close()
+
+
+async def test_sqlite_commits_are_durable_across_power_loss(tmp_path):
+    """WAL with synchronous=FULL: a commit is on disk before the offsets after it are
+    committed in Kafka (with NORMAL, a power loss could roll back a committed batch)."""
+    sink = open_sink(f"sqlite:///{tmp_path}/durable.db")
+    await sink.start()
+    try:
+        assert sink._conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert sink._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        await sink.close()
