@@ -30,7 +30,7 @@ from workers.config import WorkerSettings
 from workers.decode import Decoded, decode
 from workers.dlq import DeadLetters
 from workers.rows import reduce_latest
-from workers.sinks import Sink, StorageSchemaError, open_sink
+from workers.sinks import Sink, StorageBusy, StorageSchemaError, open_sink
 
 log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
@@ -145,7 +145,7 @@ class Worker:
                 break
             except StorageSchemaError:
                 raise  # needs a person: stop with the message
-            except (OSError, KafkaError, RedisError, TimeoutError) as exc:
+            except (OSError, KafkaError, RedisError, TimeoutError, StorageBusy) as exc:
                 # transient (storage, broker or Redis away): the same batch again, idempotently
                 metrics.BATCH_RETRIES.labels(type(exc).__name__).inc()
                 log.warning("batch of %d records failed (%s: %s); retrying in %.1f s",

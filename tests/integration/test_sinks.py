@@ -308,3 +308,65 @@ async def test_sqlite_commits_are_durable_across_power_loss(tmp_path):
         assert sink._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
     finally:
         await sink.close()
+
+
+async def test_concurrent_merges_of_the_same_keys_wait_instead_of_deadlocking(postgres_url):
+    """Two batches update the same items in opposite orders while a third transaction holds
+    one of them: unordered, each would take half the row locks and wait for the other's
+    half (a deadlock, one batch refused); in key order the second waits for the first."""
+    s = structure(item_key="region")
+    sink = open_sink(postgres_url)
+    await sink.start()
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        await sink.prepare(s)
+        keys = [f"k{i:03d}" for i in range(200)]
+        await sink.write(s, [row(s, {"region": k}, origin(i)) for i, k in enumerate(keys)])
+        later = [T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)]
+        batches = [[row(s, {"region": k, "revenue": n}, origin(1000 * (n + 1) + i, later[n]))
+                    for i, k in enumerate(order)] for n, order in enumerate((keys, keys[::-1]))]
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM sales WHERE region = 'k100' FOR UPDATE")
+            writes = [asyncio.create_task(sink.write(s, batch)) for batch in batches]
+            await asyncio.sleep(0.5)  # both wait for k100 now, holding what they took before
+            assert not any(w.done() for w in writes)
+        results = await asyncio.gather(*writes)  # no DeadlockDetectedError
+        assert [r.total for r in results] == [200, 200]
+        assert await read(sink, postgres_url, "SELECT DISTINCT revenue FROM sales") == [(1.0,)]
+    finally:
+        await holder.close()
+        await sink.close()
+
+
+async def test_a_store_refusal_that_passes_is_storage_busy(storage_url, tmp_path):
+    """A deadlock or a lock held too long leaves nothing committed: StorageBusy, which the
+    worker retries (the same batch), instead of an error that ends the process."""
+    from workers.sinks import StorageBusy
+
+    s = structure(item_key="region")
+    sink = open_sink(storage_url)
+    await sink.start()
+    try:
+        await sink.prepare(s)
+        if storage_url.startswith("sqlite"):
+            sink._conn.execute("PRAGMA busy_timeout = 100")
+            blocker = sqlite3.connect(path_of(storage_url))
+            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+            try:
+                with pytest.raises(StorageBusy, match="locked"):
+                    await sink.write(s, [row(s, {"region": "x"}, origin(0))])
+            finally:
+                blocker.rollback()
+                blocker.close()
+        else:
+            async with sink._pool.acquire() as conn:  # a deadlock, as PostgreSQL reports it
+                await conn.execute("CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN "
+                                   "RAISE EXCEPTION 'deadlock detected' USING ERRCODE = "
+                                   "'40P01'; END $$ LANGUAGE plpgsql")
+                await conn.execute("CREATE TRIGGER boom BEFORE INSERT ON sales FOR EACH ROW "
+                                   "EXECUTE FUNCTION boom()")
+            with pytest.raises(StorageBusy, match="DeadlockDetectedError"):
+                await sink.write(s, [row(s, {"region": "x"}, origin(0))])
+        assert await read(sink, storage_url, "SELECT count(*) FROM sales") == [(0,)]
+    finally:
+        await sink.close()

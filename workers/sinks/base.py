@@ -14,6 +14,11 @@ class StorageSchemaError(RuntimeError):
     """The table and the dataset's schema disagree in a way that would lose data."""
 
 
+class StorageBusy(RuntimeError):
+    """A write the store refused for now (a deadlock, a serialization conflict, a lost or
+    refused connection): nothing of it was committed, and the same batch may be retried."""
+
+
 @dataclass
 class WriteResult:
     """Rows that changed the table, per request id (None: records without one)."""

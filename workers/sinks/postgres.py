@@ -15,6 +15,7 @@ from workers.rows import Row, runs, table_columns, table_rows
 from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
+    StorageBusy,
     WriteResult,
     check_columns,
     conflict_target,
@@ -59,6 +60,12 @@ _HAS_UNIQUE = (
     "AND i.indisunique AND ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) "
     "WITH ORDINALITY AS k(n, o) JOIN pg_attribute a ON a.attrelid = i.indrelid "
     "AND a.attnum = k.n ORDER BY k.o) = $2::text[])")
+
+
+# Refusals that leave nothing committed and pass: deadlocks and serialization failures
+# (SQLSTATE class 40), lost or refused connections (08), a server shutting down or starting (57)
+_BUSY = (asyncpg.TransactionRollbackError, asyncpg.PostgresConnectionError,
+         asyncpg.ConnectionDoesNotExistError, asyncpg.OperatorInterventionError)
 
 
 def pg_type(kind: str) -> str:
@@ -169,7 +176,11 @@ class PostgresSink:
     def _merge_sql(self, structure: Structure, columns: list[tuple[str, str]]) -> str:
         table = quote(structure.dataset.id)
         names = ", ".join(quote(n) for n, _ in columns)
-        sql = f"INSERT INTO {table} AS t ({names}) SELECT {names} FROM {_STAGE} "
+        # in the conflict key's order: concurrent merges of overlapping keys then take their
+        # row locks in one order and wait for each other instead of deadlocking
+        target = conflict_target(structure) or list(LEGACY_APPEND_KEY)
+        sql = (f"INSERT INTO {table} AS t ({names}) SELECT {names} FROM {_STAGE} "
+               f"ORDER BY {', '.join(quote(c) for c in target)} ")
         key = structure.key_column
         if key is None:
             sql += "ON CONFLICT DO NOTHING"
@@ -185,6 +196,12 @@ class PostgresSink:
                 "SELECT _request_id, count(*) AS n FROM merged GROUP BY _request_id")
 
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
+        try:
+            return await self._write(structure, rows)
+        except _BUSY as exc:
+            raise StorageBusy(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _write(self, structure: Structure, rows: list[Row]) -> WriteResult:
         assert self._pool is not None
         table = structure.dataset.id
         sql, names = self._sql[table]

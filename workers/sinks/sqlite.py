@@ -22,6 +22,7 @@ from workers.rows import Row, runs, table_columns, table_rows
 from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
+    StorageBusy,
     WriteResult,
     check_columns,
     conflict_target,
@@ -160,7 +161,12 @@ class SqliteSink:
                 f"WHERE ({newer}) > ({current})")
 
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
-        return await self._run(self._write, structure, rows)
+        try:
+            return await self._run(self._write, structure, rows)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):  # another writer held it 30 s
+                raise StorageBusy(str(exc)) from exc
+            raise
 
     def _write(self, structure: Structure, rows: list[Row]) -> WriteResult:
         assert self._conn is not None
