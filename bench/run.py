@@ -294,7 +294,7 @@ def table(report: dict[str, Any]) -> str:
                      f"{report['ratio_to_ceiling'].get(scenario, '-')}, "
                      f"ratio_to_http (bare) {report['ratio_to_http'].get(scenario, '-')}")
     for store, d in report.get("drain", {}).items():
-        lines.append(f"drain {store:<11} {d['events_per_s']:>9,} events/s; {d['events']:,} events "
+        lines.append(f"drain {store:<19} {d['events_per_s']:>9,} events/s; {d['events']:,} events "
                      f"in {d['seconds']:.1f} s from worker start "
                      f"({d['steady_seconds']:.1f} s after the first commit)")
     return "\n".join(lines)
