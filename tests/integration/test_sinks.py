@@ -370,3 +370,33 @@ async def test_a_store_refusal_that_passes_is_storage_busy(storage_url, tmp_path
         assert await read(sink, storage_url, "SELECT count(*) FROM sales") == [(0,)]
     finally:
         await sink.close()
+
+
+async def test_concurrent_writers_record_the_same_keys_without_deadlocking(postgres_url):
+    """A request published twice may land in two partitions, so two workers record the same
+    Idempotency-Keys: in key order, the second waits for the first instead of deadlocking,
+    and each key's rows are stored once."""
+    s = structure()
+    sink = open_sink(postgres_url)
+    await sink.start()
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        await sink.prepare(s)
+        keys = [f"k{i:03d}" for i in range(200)]
+        batches = [[row(s, {"region": k}, origin(i, idem=k, rid=f"{p}-{k}", partition=p))
+                    for i, k in enumerate(order)] for p, order in enumerate((keys, keys[::-1]))]
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("INSERT INTO _sluice_idempotency (table_name, connector, "
+                             "idempotency_key, part) VALUES ('sales', 'pos', 'k100', 0)")
+        writes = [asyncio.create_task(sink.write(s, batch)) for batch in batches]
+        await asyncio.sleep(0.5)  # both wait for k100 now
+        assert not any(w.done() for w in writes)
+        await held.rollback()  # k100 is free again
+        results = await asyncio.gather(*writes)  # no DeadlockDetectedError
+        assert sum(r.total for r in results) == 200
+        assert await read(sink, postgres_url, "SELECT count(DISTINCT region), count(*) "
+                          "FROM sales") == [(200, 200)]
+    finally:
+        await holder.close()
+        await sink.close()

@@ -49,6 +49,7 @@ _LOCK_FENCES = (
 _RECORD_KEYS = (
     f"INSERT INTO {fence.KEYS_TABLE} (table_name, connector, idempotency_key, part) "
     "SELECT $1, c, k, p FROM unnest($2::text[], $3::text[], $4::int[]) AS u(c, k, p) "
+    "ORDER BY c, k, p "  # one lock order for workers recording the same keys (retries)
     "ON CONFLICT DO NOTHING RETURNING connector, idempotency_key, part")
 _ADVANCE_FENCES = (
     f"UPDATE {fence.OFFSETS_TABLE} AS f SET next_offset = u.n "
