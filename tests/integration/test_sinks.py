@@ -310,32 +310,46 @@ async def test_sqlite_commits_are_durable_across_power_loss(tmp_path):
         await sink.close()
 
 
-async def test_concurrent_merges_of_the_same_keys_wait_instead_of_deadlocking(postgres_url):
+@pytest.fixture
+async def pg_sink(postgres_url):
+    sink = open_sink(postgres_url)
+    await sink.start()
+    yield sink
+    await sink.close()
+
+
+async def write_both_while_held(sink, s, batches: list[list[Row]], hold: str) -> list:
+    """Write the batches concurrently while another transaction has run ``hold``; let it go
+    once both writes wait, and return their results (a deadlock raises)."""
+    holder = await asyncpg.connect(sink.url)
+    try:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute(hold)
+        writes = [asyncio.create_task(sink.write(s, batch)) for batch in batches]
+        await asyncio.sleep(0.5)  # both wait now, holding what they took before
+        assert not any(w.done() for w in writes)
+        await held.rollback()
+        return await asyncio.gather(*writes)
+    finally:
+        await holder.close()
+
+
+async def test_concurrent_merges_of_the_same_keys_wait_instead_of_deadlocking(pg_sink):
     """Two batches update the same items in opposite orders while a third transaction holds
     one of them: unordered, each would take half the row locks and wait for the other's
     half (a deadlock, one batch refused); in key order the second waits for the first."""
     s = structure(item_key="region")
-    sink = open_sink(postgres_url)
-    await sink.start()
-    holder = await asyncpg.connect(postgres_url)
-    try:
-        await sink.prepare(s)
-        keys = [f"k{i:03d}" for i in range(200)]
-        await sink.write(s, [row(s, {"region": k}, origin(i)) for i, k in enumerate(keys)])
-        later = [T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)]
-        batches = [[row(s, {"region": k, "revenue": n}, origin(1000 * (n + 1) + i, later[n]))
-                    for i, k in enumerate(order)] for n, order in enumerate((keys, keys[::-1]))]
-        async with holder.transaction():
-            await holder.execute("SELECT 1 FROM sales WHERE region = 'k100' FOR UPDATE")
-            writes = [asyncio.create_task(sink.write(s, batch)) for batch in batches]
-            await asyncio.sleep(0.5)  # both wait for k100 now, holding what they took before
-            assert not any(w.done() for w in writes)
-        results = await asyncio.gather(*writes)  # no DeadlockDetectedError
-        assert [r.total for r in results] == [200, 200]
-        assert await read(sink, postgres_url, "SELECT DISTINCT revenue FROM sales") == [(1.0,)]
-    finally:
-        await holder.close()
-        await sink.close()
+    await pg_sink.prepare(s)
+    keys = [f"k{i:03d}" for i in range(200)]
+    await pg_sink.write(s, [row(s, {"region": k}, origin(i)) for i, k in enumerate(keys)])
+    later = [T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)]
+    batches = [[row(s, {"region": k, "revenue": n}, origin(1000 * (n + 1) + i, later[n]))
+                for i, k in enumerate(order)] for n, order in enumerate((keys, keys[::-1]))]
+    results = await write_both_while_held(
+        pg_sink, s, batches, "SELECT 1 FROM sales WHERE region = 'k100' FOR UPDATE")
+    assert [r.total for r in results] == [200, 200]
+    assert await read(pg_sink, pg_sink.url, "SELECT DISTINCT revenue FROM sales") == [(1.0,)]
 
 
 async def test_a_store_refusal_that_passes_is_storage_busy(storage_url, tmp_path):
@@ -372,31 +386,18 @@ async def test_a_store_refusal_that_passes_is_storage_busy(storage_url, tmp_path
         await sink.close()
 
 
-async def test_concurrent_writers_record_the_same_keys_without_deadlocking(postgres_url):
+async def test_concurrent_writers_record_the_same_keys_without_deadlocking(pg_sink):
     """A request published twice may land in two partitions, so two workers record the same
     Idempotency-Keys: in key order, the second waits for the first instead of deadlocking,
     and each key's rows are stored once."""
     s = structure()
-    sink = open_sink(postgres_url)
-    await sink.start()
-    holder = await asyncpg.connect(postgres_url)
-    try:
-        await sink.prepare(s)
-        keys = [f"k{i:03d}" for i in range(200)]
-        batches = [[row(s, {"region": k}, origin(i, idem=k, rid=f"{p}-{k}", partition=p))
-                    for i, k in enumerate(order)] for p, order in enumerate((keys, keys[::-1]))]
-        held = holder.transaction()
-        await held.start()
-        await holder.execute("INSERT INTO _sluice_idempotency (table_name, connector, "
-                             "idempotency_key, part) VALUES ('sales', 'pos', 'k100', 0)")
-        writes = [asyncio.create_task(sink.write(s, batch)) for batch in batches]
-        await asyncio.sleep(0.5)  # both wait for k100 now
-        assert not any(w.done() for w in writes)
-        await held.rollback()  # k100 is free again
-        results = await asyncio.gather(*writes)  # no DeadlockDetectedError
-        assert sum(r.total for r in results) == 200
-        assert await read(sink, postgres_url, "SELECT count(DISTINCT region), count(*) "
-                          "FROM sales") == [(200, 200)]
-    finally:
-        await holder.close()
-        await sink.close()
+    await pg_sink.prepare(s)
+    keys = [f"k{i:03d}" for i in range(200)]
+    batches = [[row(s, {"region": k}, origin(i, idem=k, rid=f"{p}-{k}", partition=p))
+                for i, k in enumerate(order)] for p, order in enumerate((keys, keys[::-1]))]
+    results = await write_both_while_held(
+        pg_sink, s, batches, "INSERT INTO _sluice_idempotency (table_name, connector, "
+        "idempotency_key, part) VALUES ('sales', 'pos', 'k100', 0)")
+    assert sum(r.total for r in results) == 200
+    assert await read(pg_sink, pg_sink.url, "SELECT count(DISTINCT region), count(*) "
+                      "FROM sales") == [(200, 200)]
