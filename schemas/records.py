@@ -87,7 +87,8 @@ def _split(items: Sequence[object], size: int, max_bytes: int) -> list[bytes]:
     """Slices of equal item counts, as many as ``size`` needs, each encoded in one call; a
     slice still too large is split again, down to single items. (Encoding item by item and
     packing them cost four times as much for a 1 MiB request of 9,000 events.)"""
-    step = -(-len(items) // min(len(items), -(-size // max_bytes)))  # >= 2 slices: size > max
+    slices = min(len(items), -(-size // max_bytes))  # at least 2: size > max_bytes
+    step = -(-len(items) // slices)
     out: list[bytes] = []
     for start in range(0, len(items), step):
         part = items[start:start + step]

@@ -298,24 +298,12 @@ async def test_postgres_timestamps_encode_as_asyncpg_does(postgres_url):
         await ours.close()
 
 
-async def test_sqlite_commits_are_durable_across_power_loss(tmp_path):
+@pytest.mark.parametrize("storage_url", ["sqlite"], indirect=True)
+async def test_sqlite_commits_are_durable_across_power_loss(sink):
     """WAL with synchronous=FULL: a commit is on disk before the offsets after it are
     committed in Kafka (with NORMAL, a power loss could roll back a committed batch)."""
-    sink = open_sink(f"sqlite:///{tmp_path}/durable.db")
-    await sink.start()
-    try:
-        assert sink._conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert sink._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
-    finally:
-        await sink.close()
-
-
-@pytest.fixture
-async def pg_sink(postgres_url):
-    sink = open_sink(postgres_url)
-    await sink.start()
-    yield sink
-    await sink.close()
+    assert sink._conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert sink._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
 
 
 async def write_both_while_held(sink, s, batches: list[list[Row]], hold: str) -> list:
@@ -335,69 +323,66 @@ async def write_both_while_held(sink, s, batches: list[list[Row]], hold: str) ->
         await holder.close()
 
 
-async def test_concurrent_merges_of_the_same_keys_wait_instead_of_deadlocking(pg_sink):
+@pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
+async def test_concurrent_merges_of_the_same_keys_wait_instead_of_deadlocking(sink):
     """Two batches update the same items in opposite orders while a third transaction holds
     one of them: unordered, each would take half the row locks and wait for the other's
     half (a deadlock, one batch refused); in key order the second waits for the first."""
     s = structure(item_key="region")
-    await pg_sink.prepare(s)
+    await sink.prepare(s)
     keys = [f"k{i:03d}" for i in range(200)]
-    await pg_sink.write(s, [row(s, {"region": k}, origin(i)) for i, k in enumerate(keys)])
+    await sink.write(s, [row(s, {"region": k}, origin(i)) for i, k in enumerate(keys)])
     later = [T0 + timedelta(seconds=1), T0 + timedelta(seconds=2)]
     batches = [[row(s, {"region": k, "revenue": n}, origin(1000 * (n + 1) + i, later[n]))
                 for i, k in enumerate(order)] for n, order in enumerate((keys, keys[::-1]))]
     results = await write_both_while_held(
-        pg_sink, s, batches, "SELECT 1 FROM sales WHERE region = 'k100' FOR UPDATE")
+        sink, s, batches, "SELECT 1 FROM sales WHERE region = 'k100' FOR UPDATE")
     assert [r.total for r in results] == [200, 200]
-    assert await read(pg_sink, pg_sink.url, "SELECT DISTINCT revenue FROM sales") == [(1.0,)]
+    assert await read(sink, sink.url, "SELECT DISTINCT revenue FROM sales") == [(1.0,)]
 
 
-async def test_a_store_refusal_that_passes_is_storage_busy(storage_url, tmp_path):
+async def test_a_store_refusal_that_passes_is_storage_busy(sink, storage_url):
     """A deadlock or a lock held too long leaves nothing committed: StorageBusy, which the
     worker retries (the same batch), instead of an error that ends the process."""
     from workers.sinks import StorageBusy
 
     s = structure(item_key="region")
-    sink = open_sink(storage_url)
-    await sink.start()
-    try:
-        await sink.prepare(s)
-        if storage_url.startswith("sqlite"):
-            sink._conn.execute("PRAGMA busy_timeout = 100")
-            blocker = sqlite3.connect(path_of(storage_url))
-            blocker.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
-            try:
-                with pytest.raises(StorageBusy, match="locked"):
-                    await sink.write(s, [row(s, {"region": "x"}, origin(0))])
-            finally:
-                blocker.rollback()
-                blocker.close()
-        else:
-            async with sink._pool.acquire() as conn:  # a deadlock, as PostgreSQL reports it
-                await conn.execute("CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN "
-                                   "RAISE EXCEPTION 'deadlock detected' USING ERRCODE = "
-                                   "'40P01'; END $$ LANGUAGE plpgsql")
-                await conn.execute("CREATE TRIGGER boom BEFORE INSERT ON sales FOR EACH ROW "
-                                   "EXECUTE FUNCTION boom()")
-            with pytest.raises(StorageBusy, match="DeadlockDetectedError"):
+    await sink.prepare(s)
+    if storage_url.startswith("sqlite"):
+        sink._conn.execute("PRAGMA busy_timeout = 100")
+        blocker = sqlite3.connect(path_of(storage_url))
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+        try:
+            with pytest.raises(StorageBusy, match="locked"):
                 await sink.write(s, [row(s, {"region": "x"}, origin(0))])
-        assert await read(sink, storage_url, "SELECT count(*) FROM sales") == [(0,)]
-    finally:
-        await sink.close()
+        finally:
+            blocker.rollback()
+            blocker.close()
+    else:
+        async with sink._pool.acquire() as conn:  # a deadlock, as PostgreSQL reports it
+            await conn.execute("CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN "
+                               "RAISE EXCEPTION 'deadlock detected' USING ERRCODE = "
+                               "'40P01'; END $$ LANGUAGE plpgsql")
+            await conn.execute("CREATE TRIGGER boom BEFORE INSERT ON sales FOR EACH ROW "
+                               "EXECUTE FUNCTION boom()")
+        with pytest.raises(StorageBusy, match="DeadlockDetectedError"):
+            await sink.write(s, [row(s, {"region": "x"}, origin(0))])
+    assert await read(sink, storage_url, "SELECT count(*) FROM sales") == [(0,)]
 
 
-async def test_concurrent_writers_record_the_same_keys_without_deadlocking(pg_sink):
+@pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
+async def test_concurrent_writers_record_the_same_keys_without_deadlocking(sink):
     """A request published twice may land in two partitions, so two workers record the same
     Idempotency-Keys: in key order, the second waits for the first instead of deadlocking,
     and each key's rows are stored once."""
     s = structure()
-    await pg_sink.prepare(s)
+    await sink.prepare(s)
     keys = [f"k{i:03d}" for i in range(200)]
     batches = [[row(s, {"region": k}, origin(i, idem=k, rid=f"{p}-{k}", partition=p))
                 for i, k in enumerate(order)] for p, order in enumerate((keys, keys[::-1]))]
     results = await write_both_while_held(
-        pg_sink, s, batches, "INSERT INTO _sluice_idempotency (table_name, connector, "
+        sink, s, batches, "INSERT INTO _sluice_idempotency (table_name, connector, "
         "idempotency_key, part) VALUES ('sales', 'pos', 'k100', 0)")
     assert sum(r.total for r in results) == 200
-    assert await read(pg_sink, pg_sink.url, "SELECT count(DISTINCT region), count(*) "
+    assert await read(sink, sink.url, "SELECT count(DISTINCT region), count(*) "
                       "FROM sales") == [(200, 200)]

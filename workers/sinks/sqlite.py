@@ -164,7 +164,9 @@ class SqliteSink:
         try:
             return await self._run(self._write, structure, rows)
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):  # another writer held it 30 s
+            # another writer held the file past the busy timeout (extended codes keep the
+            # primary code in their low byte)
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise StorageBusy(str(exc)) from exc
             raise
 
