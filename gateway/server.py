@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 
 
 async def serve_one(settings: Settings, catalogue: Catalogue | None = None) -> None:
-    """Run one gateway process until SIGTERM or SIGINT."""
+    """Run one gateway process until SIGTERM or SIGINT (one that comes while it starts
+    stops it as soon as it has started)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     app = create_app(settings, catalogue)
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s, **SERVER_KWARGS)
     await runner.setup()
@@ -36,10 +41,6 @@ async def serve_one(settings: Settings, catalogue: Catalogue | None = None) -> N
     gc.collect()
     gc.freeze()
     log.info("gateway process %d listening on %s:%d", os.getpid(), settings.host, settings.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("gateway process %d stopping: finishing in-flight requests", os.getpid())
     await runner.cleanup()  # stops accepting, waits for handlers, then closes the producer

@@ -27,15 +27,18 @@ def supervise(target: Callable[[], None], processes: int, name: str) -> int:
     children: list[multiprocessing.Process] = []
 
     def spawn() -> multiprocessing.Process:
-        child = ctx.Process(target=target, name=name)
+        child = ctx.Process(target=_child, args=(target,), name=name)
         child.start()
         return child
+
+    signalled: set[int] = set()
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
         for child in children:
-            if child.is_alive() and child.pid is not None:
+            if child.is_alive() and child.pid is not None and child.pid not in signalled:
+                signalled.add(child.pid)
                 os.kill(child.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
@@ -57,7 +60,18 @@ def supervise(target: Callable[[], None], processes: int, name: str) -> int:
             log.error("%s process %s exited with %s; replacing it", name, child.pid,
                       child.exitcode)
             time.sleep(_RESTART_BACKOFF_S)
-            children[i] = spawn()
+            if not stopping:  # a SIGTERM during the back-off: its replacement would never
+                children[i] = spawn()  # hear it, and the join below would wait for ever
+    forward(signal.SIGTERM, None)  # a child forked while the signal was being handled
     for child in children:
         child.join()
     return exit_code
+
+
+def _child(target: Callable[[], None]) -> None:
+    """A forked child runs ``target`` with the default SIGTERM and SIGINT actions, not the
+    supervisor's forwarding handler (which it inherits with the fork): a signal that comes
+    before the target installs its own handlers then ends the child instead of being lost."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    target()

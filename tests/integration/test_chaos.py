@@ -11,14 +11,17 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import records as r
+from tests.integration.test_server import start_gateway, stop_gateway
 from tests.integration.test_workers import count, rows
 from tests.services import consume_all, produce
 
@@ -32,11 +35,12 @@ KILLS = 5  # worker processes killed
 class Workers:
     """Worker processes (``python -m workers run``), one consumer each, killable one by one."""
 
-    def __init__(self, gw, storage_url: str, logs: Path):
+    def __init__(self, storage_url: str, catalogue: Path, bootstrap: str, redis_url: str,
+                 logs: Path):
         self.env = {**os.environ, "STORAGE_URL": storage_url,
-                    "SLUICE_CATALOGUE_DIR": str(gw.settings.catalogue_dir),
-                    "KAFKA_BOOTSTRAP_SERVERS": gw.bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
-                    "REDIS_URL": gw.redis_url, "WORKER_GROUP_ID": f"chaos-{uuid.uuid4().hex[:8]}",
+                    "SLUICE_CATALOGUE_DIR": str(catalogue),
+                    "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
+                    "REDIS_URL": redis_url, "WORKER_GROUP_ID": f"chaos-{uuid.uuid4().hex[:8]}",
                     "WORKER_PROCESSES": "1", "WORKER_METRICS_PORT": "0",
                     # small batches: many commits, so a kill often lands between a write and
                     # its commit
@@ -58,10 +62,19 @@ class Workers:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
 
-    def stop(self) -> list[int]:
+    def stop(self) -> list[int | None]:
+        """SIGTERM each; the exit codes (None: killed after 30 s without stopping)."""
         for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
-        return [proc.wait(30) for proc in self.procs]
+        codes: list[int | None] = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(30))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                codes.append(None)
+        return codes
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-2000:]
@@ -137,7 +150,8 @@ async def test_killed_workers_and_dropped_connections_store_every_acknowledged_e
     # a backlog first, so that the workers are busy when they are killed
     for first in range(0, BACKLOG, 8):
         await asyncio.gather(*(push(n) for n in range(first, first + 8)))
-    workers = Workers(gateway, storage_url, tmp_path)
+    workers = Workers(storage_url, gateway.settings.catalogue_dir, gateway.bootstrap,
+                      gateway.redis_url, tmp_path)
     pusher = asyncio.create_task(keep_pushing(BACKLOG))
     try:
         workers.start()
@@ -210,3 +224,81 @@ async def test_killed_workers_and_dropped_connections_store_every_acknowledged_e
     assert expected - KILLS * batch_events <= totals["written"] <= expected
     assert totals["written"] + totals["duplicates"] >= expected + len(again) * ITEMS_PER_REQUEST
     assert totals["duplicates"] >= len(again) * ITEMS_PER_REQUEST + ITEMS_PER_REQUEST
+
+
+async def test_killed_gateway_processes_lose_nothing_a_retrying_client_sent(
+        tmp_path, kafka, redis_url, postgres_url):
+    """A client that retries with the same Idempotency-Key until it gets a 202 (as Stripe's
+    clients do), while gateway processes are SIGKILLed under it: every request ends
+    acknowledged and stored exactly once, whether its first attempt died before or after
+    publishing."""
+    proc, base, key, topic = await start_gateway(
+        tmp_path, kafka.bootstrap, redis_url, 2, dataset="other",
+        SLUICE_IDEMPOTENCY_LOCK_TTL_S="2", KAFKA_PUBLISH_TIMEOUT_S="1")
+    url = f"{base}/v1/datasets/other/events"
+    attempts: Counter = Counter()
+    acknowledged: set[str] = set()
+    stop = asyncio.Event()
+
+    async def client(session: aiohttp.ClientSession, first: int) -> None:
+        n = first
+        while not stop.is_set():
+            request_id = f"gw-chaos-{n}"
+            body = orjson.dumps([{"n": n, "i": i} for i in range(ITEMS_PER_REQUEST)])
+            headers = {"Authorization": f"Bearer {key}", "X-Request-ID": request_id,
+                       "Content-Type": "application/json", "Idempotency-Key": request_id}
+            delay = 0.05
+            while True:  # the same key and body until it is acknowledged
+                attempts[request_id] += 1
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        await resp.read()
+                        if resp.status == 202:
+                            break
+                        assert resp.status in (409, 503), (resp.status, await resp.text())
+                except aiohttp.ClientError:
+                    pass  # the process died under the request
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            acknowledged.add(request_id)
+            n += 16
+
+    async with aiohttp.ClientSession() as session:
+        clients = [asyncio.create_task(client(session, i)) for i in range(16)]
+        killed = []
+        for _ in range(4):
+            await asyncio.sleep(1.0)
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                      text=True).stdout.split()
+            victim = int(random.Random(len(killed)).choice(children))
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*clients), 60)
+    assert stop_gateway(proc) == (0, [])  # its replacements stopped too
+    retried = [rid for rid, n in attempts.items() if n > 1]
+    assert retried, "no request was cut off by a kill"
+    assert set(attempts) == acknowledged
+
+    workers = Workers(postgres_url, tmp_path, kafka.bootstrap, redis_url, tmp_path)
+    workers.start()
+    try:
+        expected = len(acknowledged) * ITEMS_PER_REQUEST
+        deadline = asyncio.get_running_loop().time() + 60
+        while (stored := await count(postgres_url, "other")) < expected:
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"{stored} of {expected} rows\n" + workers.log_text())
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
+    finally:
+        exits = workers.stop()
+    assert exits == [0]
+    stored_rows = await rows(postgres_url, "SELECT _request_id, count(*), count(DISTINCT _index) "
+                                           "FROM other GROUP BY _request_id")
+    assert {rid: (n, d) for rid, n, d in stored_rows} == {
+        rid: (ITEMS_PER_REQUEST, ITEMS_PER_REQUEST) for rid in acknowledged}
+    # requests whose first attempt was published before its process died were published
+    # again by the retry (after the claim's lock TTL); the workers stored them once (above)
+    published = await consume_all(kafka.bootstrap, topic, timeout=20)
+    assert len(published) >= len(acknowledged)

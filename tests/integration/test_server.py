@@ -23,7 +23,10 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def start_gateway(tmp_path, bootstrap: str, redis_url: str, processes: int, **extra: str):
+async def start_gateway(tmp_path, bootstrap: str, redis_url: str, processes: int, *,
+                        dataset: str = "sales", **extra: str):
+    """The served gateway, and the ingest key and entry topic of ``dataset`` (sales: with an
+    item key; other: append-only)."""
     key, other = new_key("pos"), new_key("crm")
     topic, other_topic = write_catalogue(tmp_path, os.urandom(4).hex(), key, other, None)
     await create_topics(bootstrap, [topic, other_topic], partitions=2)
@@ -47,7 +50,21 @@ async def start_gateway(tmp_path, bootstrap: str, redis_url: str, processes: int
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline, "gateway did not become ready"
             await asyncio.sleep(0.2)
-    return proc, base, key, topic
+    return (proc, base, key, topic) if dataset == "sales" else (proc, base, other, other_topic)
+
+
+def stop_gateway(proc: subprocess.Popen) -> tuple[int, list[str]]:
+    """SIGTERM the served gateway: its exit code and the processes it left running (which
+    are then killed)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(30)
+    finally:
+        leftover = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        for pid in leftover:
+            os.kill(int(pid), signal.SIGKILL)
+    return code, leftover
 
 
 def post(session, base, key, body, **headers):
@@ -156,14 +173,7 @@ async def test_sigterm_exits_even_with_redis_and_the_broker_gone(tmp_path, own_b
             assert resp.status == 503  # and the accounting flush now fails every 50 ms
     await asyncio.sleep(0.5)
     broker.stop()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(30)
-    finally:
-        leftover = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                  text=True).stdout.split()
-        for pid in leftover:
-            os.kill(int(pid), signal.SIGKILL)
+    code, leftover = stop_gateway(proc)
     assert code == 0 and leftover == [], proc.stdout.read().decode()[-3000:]
 
 
