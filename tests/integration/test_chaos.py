@@ -226,67 +226,57 @@ async def test_killed_workers_and_dropped_connections_store_every_acknowledged_e
     assert totals["duplicates"] >= len(again) * ITEMS_PER_REQUEST + ITEMS_PER_REQUEST
 
 
-async def test_killed_gateway_processes_lose_nothing_a_retrying_client_sent(
-        tmp_path, kafka, redis_url, postgres_url):
-    """A client that retries with the same Idempotency-Key until it gets a 202 (as Stripe's
-    clients do), while gateway processes are SIGKILLed under it: every request ends
-    acknowledged and stored exactly once, whether its first attempt died before or after
-    publishing."""
-    proc, base, key, topic = await start_gateway(
-        tmp_path, kafka.bootstrap, redis_url, 2, dataset="other",
-        SLUICE_IDEMPOTENCY_LOCK_TTL_S="2", KAFKA_PUBLISH_TIMEOUT_S="1")
-    url = f"{base}/v1/datasets/other/events"
-    attempts: Counter = Counter()
-    acknowledged: set[str] = set()
-    stop = asyncio.Event()
+class RetryingClients:
+    """Clients that send requests one after another, each retried with the same
+    Idempotency-Key and body until it is acknowledged (as Stripe's clients do), as long as
+    ``stop`` is not set."""
 
-    async def client(session: aiohttp.ClientSession, first: int) -> None:
-        n = first
-        while not stop.is_set():
-            request_id = f"gw-chaos-{n}"
+    def __init__(self, url: str, key: str, concurrency: int = 16):
+        self.url, self.key, self.concurrency = url, key, concurrency
+        self.attempts: Counter = Counter()  # request id -> attempts
+        self.refusals: Counter = Counter()  # status (0: connection lost) -> times
+        self.acknowledged: set[str] = set()
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(*(self._client(session, i) for i in range(self.concurrency)))
+
+    async def _client(self, session: aiohttp.ClientSession, n: int) -> None:
+        while not self.stop.is_set():
+            request_id = f"retried-{n}"
             body = orjson.dumps([{"n": n, "i": i} for i in range(ITEMS_PER_REQUEST)])
-            headers = {"Authorization": f"Bearer {key}", "X-Request-ID": request_id,
+            headers = {"Authorization": f"Bearer {self.key}", "X-Request-ID": request_id,
                        "Content-Type": "application/json", "Idempotency-Key": request_id}
             delay = 0.05
-            while True:  # the same key and body until it is acknowledged
-                attempts[request_id] += 1
+            while True:
+                self.attempts[request_id] += 1
                 try:
-                    async with session.post(url, data=body, headers=headers) as resp:
+                    async with session.post(self.url, data=body, headers=headers) as resp:
                         await resp.read()
                         if resp.status == 202:
                             break
                         assert resp.status in (409, 503), (resp.status, await resp.text())
+                        self.refusals[resp.status] += 1
                 except aiohttp.ClientError:
-                    pass  # the process died under the request
+                    self.refusals[0] += 1  # the process died under the request
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-            acknowledged.add(request_id)
-            n += 16
+            self.acknowledged.add(request_id)
+            n += self.concurrency
 
-    async with aiohttp.ClientSession() as session:
-        clients = [asyncio.create_task(client(session, i)) for i in range(16)]
-        killed = []
-        for _ in range(4):
-            await asyncio.sleep(1.0)
-            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                      text=True).stdout.split()
-            victim = int(random.Random(len(killed)).choice(children))
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
-        await asyncio.sleep(1.0)
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*clients), 60)
-    assert stop_gateway(proc) == (0, [])  # its replacements stopped too
-    retried = [rid for rid, n in attempts.items() if n > 1]
-    assert retried, "no request was cut off by a kill"
-    assert set(attempts) == acknowledged
 
-    workers = Workers(postgres_url, tmp_path, kafka.bootstrap, redis_url, tmp_path)
+async def _stored_once(clients: RetryingClients, storage_url: str, catalogue: Path,
+                       bootstrap: str, redis_url: str, logs: Path) -> None:
+    """A worker drains the topic; every acknowledged request is then stored exactly once,
+    and nothing else is."""
+    assert clients.acknowledged == set(clients.attempts)
+    workers = Workers(storage_url, catalogue, bootstrap, redis_url, logs)
     workers.start()
     try:
-        expected = len(acknowledged) * ITEMS_PER_REQUEST
+        expected = len(clients.acknowledged) * ITEMS_PER_REQUEST
         deadline = asyncio.get_running_loop().time() + 60
-        while (stored := await count(postgres_url, "other")) < expected:
+        while (stored := await count(storage_url, "other")) < expected:
             assert asyncio.get_running_loop().time() < deadline, (
                 f"{stored} of {expected} rows\n" + workers.log_text())
             await asyncio.sleep(0.5)
@@ -294,11 +284,59 @@ async def test_killed_gateway_processes_lose_nothing_a_retrying_client_sent(
     finally:
         exits = workers.stop()
     assert exits == [0]
-    stored_rows = await rows(postgres_url, "SELECT _request_id, count(*), count(DISTINCT _index) "
-                                           "FROM other GROUP BY _request_id")
+    stored_rows = await rows(storage_url, "SELECT _request_id, count(*), count(DISTINCT _index) "
+                                          "FROM other GROUP BY _request_id")
     assert {rid: (n, d) for rid, n, d in stored_rows} == {
-        rid: (ITEMS_PER_REQUEST, ITEMS_PER_REQUEST) for rid in acknowledged}
-    # requests whose first attempt was published before its process died were published
-    # again by the retry (after the claim's lock TTL); the workers stored them once (above)
-    published = await consume_all(kafka.bootstrap, topic, timeout=20)
-    assert len(published) >= len(acknowledged)
+        rid: (ITEMS_PER_REQUEST, ITEMS_PER_REQUEST) for rid in clients.acknowledged}
+
+
+async def test_killed_gateway_processes_lose_nothing_a_retrying_client_sent(
+        tmp_path, kafka, redis_url, postgres_url):
+    """Gateway processes SIGKILLed under retrying clients: every request ends acknowledged
+    and stored exactly once, whether its first attempt died before or after publishing (then
+    the retry publishes it again once the claim's lock TTL has passed, and the workers drop
+    the second copy by its Idempotency-Key)."""
+    proc, base, key, _ = await start_gateway(
+        tmp_path, kafka.bootstrap, redis_url, 2, dataset="other",
+        SLUICE_IDEMPOTENCY_LOCK_TTL_S="2", KAFKA_PUBLISH_TIMEOUT_S="1")
+    clients = RetryingClients(f"{base}/v1/datasets/other/events", key)
+    sending = asyncio.create_task(clients.run())
+    for n in range(4):
+        await asyncio.sleep(1.0)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                   text=True).stdout.split()
+        os.kill(int(random.Random(n).choice(children)), signal.SIGKILL)
+    await asyncio.sleep(1.0)
+    clients.stop.set()
+    await asyncio.wait_for(sending, 60)
+    assert stop_gateway(proc) == (0, [])  # its replacements stopped too
+    assert clients.refusals[0] > 0  # requests were cut off by the kills
+    await _stored_once(clients, postgres_url, tmp_path, kafka.bootstrap, redis_url, tmp_path)
+
+
+async def test_frozen_broker_and_redis_lose_nothing_a_retrying_client_sent(
+        tmp_path, own_broker, own_redis, postgres_url):
+    """The broker, then Redis, stop answering for a while under retrying clients: requests
+    get 503 (their claims released), and once both are back every request is acknowledged
+    and stored exactly once, also those whose publish landed after their 503."""
+    broker, redis = own_broker(), own_redis()
+    proc, base, key, _ = await start_gateway(
+        tmp_path, broker.bootstrap, redis.url, 1, dataset="other",
+        SLUICE_IDEMPOTENCY_LOCK_TTL_S="2", KAFKA_PUBLISH_TIMEOUT_S="1", REDIS_TIMEOUT_S="0.5")
+    clients = RetryingClients(f"{base}/v1/datasets/other/events", key)
+    sending = asyncio.create_task(clients.run())
+    try:
+        for service in (broker, redis):
+            await asyncio.sleep(1.0)
+            service.pause()
+            await asyncio.sleep(2.5)
+            service.resume()
+        await asyncio.sleep(1.5)
+    finally:
+        broker.resume()
+        redis.resume()
+        clients.stop.set()
+        await asyncio.wait_for(sending, 60)
+    assert stop_gateway(proc) == (0, [])
+    assert clients.refusals[503] > 0
+    await _stored_once(clients, postgres_url, tmp_path, broker.bootstrap, redis.url, tmp_path)
