@@ -49,7 +49,7 @@ VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "SLUICE_ADMIN_KEYS": ("admin_keys", "", _admin_keys,
                           "admin keys as <key id>:<sha256>, comma-separated (sluice keys create --admin)"),
     "REDIS_URL": ("redis_url", "redis://127.0.0.1:6379/0", redis_url,
-                  "Redis for idempotency keys and rate limits"),
+                  "Redis for idempotency keys and rate limits (redis+sentinel:// for Sentinel)"),
     "REDIS_TIMEOUT_S": ("redis_timeout_s", "1.0", float_min(0.05),
                         "Redis connect and command timeout; past it requests get 503"),
     "KAFKA_BOOTSTRAP_SERVERS": ("kafka_bootstrap", "127.0.0.1:9092", bootstrap_servers,

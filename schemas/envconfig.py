@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlparse
 
+from schemas.redis_client import SENTINEL_SCHEME, sentinel_url
+
 Variables = dict[str, tuple[str, str, Callable[[str], Any], str]]
 
 
@@ -74,8 +76,11 @@ def one_of(*allowed: str) -> Callable[[str], str]:
 
 
 def redis_url(raw: str) -> str:
-    if urlparse(raw).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    scheme = urlparse(raw).scheme
+    if scheme == SENTINEL_SCHEME:
+        sentinel_url(raw)  # raises ValueError naming what is wrong
+    elif scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
     return raw
 
 

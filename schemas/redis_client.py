@@ -15,12 +15,78 @@ one batch in that case only).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+SENTINEL_SCHEME = "redis+sentinel"
+
 
 def connect(url: str, timeout_s: float) -> Redis:
-    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                          retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError])
+    """A client for ``url``: redis://, rediss:// or unix:// (one server), or
+    redis+sentinel:// (the current primary of a Sentinel-monitored group)."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
+    if urlparse(url).scheme != SENTINEL_SCHEME:
+        return Redis.from_url(url, **options)
+    where = sentinel_url(url)
+    sentinel = Sentinel(where.sentinels, sentinel_kwargs={
+        "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+        "password": where.sentinel_password})
+    return sentinel.master_for(where.service, db=where.db, username=where.username,
+                               password=where.password, connection_class=_PrimaryConnection,
+                               **options)
+
+
+class _PrimaryConnection(SentinelManagedConnection):
+    """A connection that asks the Sentinels for the primary's address every time it
+    connects, so after a failover the retry above reaches the new primary. (redis-py's own
+    asks only on its first connect: a reconnect after the primary died went to the old
+    address until the client was recreated: redis/redis-py#3874.) A connection to a server
+    that has been demoted drops itself on READONLY (redis-py) and reconnects here."""
+
+    async def _connect(self) -> None:
+        if self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super()._connect()
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelUrl:
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+
+def sentinel_url(url: str) -> SentinelUrl:
+    """redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]
+    [?sentinel_password=...]; the credentials are the primary's, Sentinel's own password
+    is a query parameter. Raises ValueError."""
+    parsed = urlparse(url)
+    if parsed.scheme != SENTINEL_SCHEME:
+        raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
+    userinfo, _, hosts = parsed.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.strip().rpartition(":") if ":" in host else (host.strip(), "", "")
+        if not name or (port and not port.isdigit()):
+            raise ValueError(f"bad Sentinel address {host!r}: use host:port")
+        sentinels.append((name, int(port or 26379)))
+    path = [part for part in parsed.path.split("/") if part]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("the path must be /service-name or /service-name/db")
+    query = parse_qs(parsed.query)
+    return SentinelUrl(sentinels, unquote(path[0]), int(path[1]) if len(path) == 2 else 0,
+                       unquote(username) or None, unquote(password) or None,
+                       query.get("sentinel_password", [None])[0])

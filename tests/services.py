@@ -290,19 +290,29 @@ class TansuBroker(_Process):
         return f"127.0.0.1:{self.port}"
 
 
+def _redis_server() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServiceError("redis-server is not installed (Debian package redis-server), "
+                           "or set SLUICE_TEST_REDIS_URL to a Redis the tests may flush")
+    return binary
+
+
 class RedisServer(_Process):
-    """redis-server without persistence, in a temporary directory."""
+    """redis-server without persistence, in a temporary directory; a replica of
+    ``replica_of`` (a port on 127.0.0.1) when given."""
 
     name = "redis"
     ready_marker = "Ready to accept connections"
 
+    def __init__(self, replica_of: int | None = None) -> None:
+        super().__init__()
+        self.replica_of = replica_of
+
     def command(self) -> list[str]:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise ServiceError("redis-server is not installed (Debian package redis-server), "
-                               "or set SLUICE_TEST_REDIS_URL to a Redis the tests may flush")
-        return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.dir)]
+        return [_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.dir),
+                *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else [])]
 
     def healthy(self) -> bool:
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
@@ -317,6 +327,54 @@ class RedisServer(_Process):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+class RedisSentinel(_Process):
+    """One Redis Sentinel watching the primary on ``primary_port`` as ``service``, quick to
+    fail over (it alone is the quorum): the primary is down after 500 ms without answers."""
+
+    name = "sentinel"
+    ready_marker = "Sentinel ID is"
+
+    def __init__(self, primary_port: int, service: str = "sluice") -> None:
+        super().__init__()
+        self.primary_port, self.service = primary_port, service
+
+    def command(self) -> list[str]:
+        config = self.dir / "sentinel.conf"  # Sentinel rewrites it with what it learns
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} 1\n"
+            f"sentinel down-after-milliseconds {self.service} 500\n"
+            f"sentinel failover-timeout {self.service} 5000\n")
+        return [_redis_server(), str(config), "--sentinel"]
+
+    def healthy(self) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
+                             socket_connect_timeout=0.5)
+        try:
+            return client.sentinel_get_master_addr_by_name(self.service) is not None
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def primary(self) -> tuple[str, int] | None:
+        """The primary as clients see it (redis-py's discover_master): known, and neither
+        subjectively nor objectively down; None during a failover."""
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
+                             decode_responses=True)
+        try:
+            state = client.sentinel_masters().get(self.service)
+        finally:
+            client.close()
+        if not state or not state["is_master"] or state["is_sdown"] or state["is_odown"]:
+            return None
+        return state["ip"], int(state["port"])
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
 
 
 class PrometheusServer(_Process):

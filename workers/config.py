@@ -38,7 +38,7 @@ VARIABLES: Variables = {
     "KAFKA_ENABLE_IDEMPOTENCE": ("kafka_idempotence", "true", boolean,
                                  "idempotent dead-letter producer; false for Tansu"),
     "REDIS_URL": ("redis_url", "redis://127.0.0.1:6379/0", redis_url,
-                  "Redis for request logs and statistics"),
+                  "Redis for request logs and statistics (redis+sentinel:// for Sentinel)"),
     "WORKER_GROUP_ID": ("group_id", "sluice-workers", str, "Kafka consumer group"),
     "WORKER_PROCESSES": ("processes", "1", int_range(1, 256),
                          "consumer processes (useful up to the number of partitions)"),

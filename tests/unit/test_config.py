@@ -3,6 +3,7 @@
 import pytest
 
 from gateway.config import VARIABLES, ConfigError, Settings, markdown_table
+from schemas.redis_client import SentinelUrl, sentinel_url
 
 
 def test_defaults():
@@ -16,6 +17,8 @@ def test_defaults():
     ("SLUICE_PORT", "70000"),
     ("SLUICE_PROCESSES", "zero"),
     ("REDIS_URL", "http://x"),
+    ("REDIS_URL", "redis+sentinel://s1:26379"),  # no service name
+    ("REDIS_URL", "redis+sentinel://s1:port/sluice"),
     ("KAFKA_BOOTSTRAP_SERVERS", "nohost"),
     ("KAFKA_ENABLE_IDEMPOTENCE", "maybe"),
     ("KAFKA_COMPRESSION", "brotli"),
@@ -24,6 +27,19 @@ def test_defaults():
 def test_bad_values_name_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("redis+sentinel://s1:26380,s2/sluice",
+     SentinelUrl([("s1", 26380), ("s2", 26379)], "sluice")),
+    ("redis+sentinel://:p%40ss@s1/sluice/3?sentinel_password=sp",
+     SentinelUrl([("s1", 26379)], "sluice", 3, None, "p@ss", "sp")),
+    ("redis+sentinel://app:pw@s1:26379/sluice",
+     SentinelUrl([("s1", 26379)], "sluice", 0, "app", "pw")),
+])
+def test_sentinel_urls(url, expected):
+    assert sentinel_url(url) == expected
+    assert Settings.from_env({"REDIS_URL": url}).redis_url == url
 
 
 def test_lock_must_outlive_publish_timeout():
