@@ -16,6 +16,8 @@ import logging
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -42,7 +44,7 @@ class Worker:
         self.sink: Sink = open_sink(settings.storage_url)
         self.dlq = DeadLetters(settings.kafka_bootstrap, settings.kafka_idempotence)
         self.redis = redis_client.connect(settings.redis_url, 2)
-        self.account = self.redis.register_script(o.ACCOUNT_SCRIPT)
+        self.account_script = self.redis.register_script(o.ACCOUNT_SCRIPT)
         self.account_requests = self.redis.register_script(o.REQUESTS_SCRIPT)
         self.structures: dict[str, Structure] = {}  # by entry topic
         self.consumer: AIOKafkaConsumer | None = None
@@ -136,24 +138,32 @@ class Worker:
         return batch
 
     async def _handle(self, batch: list) -> None:
+        """Store the batch, then record its statistics, then commit its offsets: each step
+        retried on its own while its service is away, so a batch stored once is counted once
+        (retrying the store after a Redis error would find its rows stored and count them as
+        duplicates)."""
         started = time.perf_counter()
+        outcome = await self._retried(self.process, batch, len(batch), pause_collector=True)
+        await self._retried(self.account, outcome, len(batch))
+        await self._commit(batch)
+        metrics.BATCH_DURATION.observe(time.perf_counter() - started)
+
+    async def _retried(self, step: Callable[[Any], Awaitable[Any]], arg: Any, records: int,
+                       pause_collector: bool = False) -> Any:
         delay = 0.2
         while True:
             try:
-                with _collector_paused():
-                    await self.process(batch)
-                break
+                with _collector_paused() if pause_collector else contextlib.nullcontext():
+                    return await step(arg)
             except StorageSchemaError:
                 raise  # needs a person: stop with the message
             except (OSError, KafkaError, RedisError, TimeoutError, StorageBusy) as exc:
-                # transient (storage, broker or Redis away): the same batch again, idempotently
+                # transient (storage, broker or Redis away): the same step again, idempotently
                 metrics.BATCH_RETRIES.labels(type(exc).__name__).inc()
                 log.warning("batch of %d records failed (%s: %s); retrying in %.1f s",
-                            len(batch), type(exc).__name__, exc, delay)
+                            records, type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF_S)
-        await self._commit(batch)
-        metrics.BATCH_DURATION.observe(time.perf_counter() - started)
 
     async def _commit(self, batch: list) -> None:
         assert self.consumer is not None
@@ -182,7 +192,7 @@ class Worker:
     # -- the steps ---------------------------------------------------------------------------
 
     async def process(self, batch: list) -> BatchOutcome:
-        """Decode, shape, write, dead-letter and account one batch (commit is the caller's)."""
+        """Decode, shape, write and dead-letter one batch; what it did, for ``account``."""
         outcome = BatchOutcome()
         per_dataset: dict[str, Decoded] = defaultdict(Decoded)
         for record in batch:
@@ -208,9 +218,12 @@ class Worker:
             for letter in decoded.dead:
                 outcome.failed(structure.dataset.id, letter)
         await self.dlq.send([d for decoded in per_dataset.values() for d in decoded.dead])
-        await outcome.write(self.redis, self.account, self.account_requests,
-                            self.settings.log_max_age_s)
         return outcome
+
+    async def account(self, outcome: BatchOutcome) -> None:
+        """Record a stored batch's statistics and request-log counts in Redis."""
+        await outcome.write(self.redis, self.account_script, self.account_requests,
+                            self.settings.log_max_age_s)
 
 
 @contextlib.contextmanager

@@ -146,6 +146,40 @@ async def _positive(value):
     return value > 0
 
 
+async def test_a_batch_stored_while_redis_is_away_is_counted_once(make_gateway, own_redis,
+                                                                   storage_url):
+    """Redis stops answering between a batch's write and its statistics: the statistics are
+    retried, not the write (which would find the rows stored and count them as duplicates)."""
+    redis = own_redis()
+    gateway = await make_gateway(redis=redis.url)
+    for i in range(3):
+        body = orjson.dumps([{"region": f"away-{i}-{j}", "revenue": j} for j in range(10)])
+        assert (await gateway.post(body)).status == 202
+    from prometheus_client import REGISTRY
+
+    async def retried() -> float:
+        return sum(REGISTRY.get_sample_value("sluice_worker_batch_retries_total",
+                                             {"reason": reason}) or 0
+                   for reason in ("TimeoutError", "ConnectionError"))
+
+    before = await retried()
+    await asyncio.sleep(0.3)  # the gateway's counts are flushed
+    redis.pause()
+    try:
+        async with Running(gateway, storage_url) as running:
+            await wait_for(lambda: _equals(count(storage_url), 30))
+            # the statistics timed out (after the client's own retry) and wait to be retried
+            await wait_for(lambda: _equals(retried(), before + 1), timeout=30)
+            assert running.worker.batches == 0  # not committed without its statistics
+            redis.resume()
+            await wait_for(lambda: _positive(running.worker.batches))
+    finally:
+        redis.resume()
+    totals = (await stats(gateway))["totals"]
+    assert (totals["written"], totals["duplicates"]) == (30, 0)
+    assert await count(storage_url) == 30
+
+
 async def test_out_of_order_item_key_updates_keep_the_newest(gateway, storage_url):
     newer = [(r.H_RECEIVED_AT, b"1800000002000"), (r.H_CONNECTOR, b"pos")]
     older = [(r.H_RECEIVED_AT, b"1800000001000"), (r.H_CONNECTOR, b"pos")]
