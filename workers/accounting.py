@@ -29,6 +29,7 @@ class BatchOutcome:
         self.sessions: dict[str, Counter] = defaultdict(Counter)
         self.errors: dict[tuple[str, str], list[bytes]] = defaultdict(list)
         self.received_ms: dict[tuple[str, str], int] = {}  # (connector, id): receive time
+        self.letters: list[DeadLetter] = []  # to send to the dead-letter topics
 
     def received(self, dataset: str, origin: Origin, events: int) -> None:
         """Events read from a record; counted here only when no gateway counted them."""
@@ -63,6 +64,7 @@ class BatchOutcome:
                 self.sessions[session_id][o.DUPLICATES] += count - took
 
     def failed(self, dataset: str, letter: DeadLetter) -> None:
+        self.letters.append(letter)
         origin = letter.origin
         connector = origin.connector if origin else o.KAFKA_CONNECTOR
         self.stats[(dataset, connector)][o.FAILED] += 1

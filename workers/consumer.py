@@ -32,7 +32,7 @@ from workers.config import WorkerSettings
 from workers.decode import Decoded, decode
 from workers.dlq import DeadLetters
 from workers.rows import reduce_latest
-from workers.sinks import Sink, StorageBusy, StorageSchemaError, open_sink
+from workers.sinks import Sink, StorageBusy, StorageSchemaError, WriteResult, open_sink
 
 log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
@@ -138,12 +138,13 @@ class Worker:
         return batch
 
     async def _handle(self, batch: list) -> None:
-        """Store the batch, then record its statistics, then commit its offsets: each step
-        retried on its own while its service is away, so a batch stored once is counted once
-        (retrying the store after a Redis error would find its rows stored and count them as
-        duplicates)."""
+        """Store the batch (each dataset's rows in one transaction), dead-letter what could
+        not be shaped, record the statistics, then commit the offsets. Each of these steps is
+        retried on its own while its service is away: retrying one that had succeeded would
+        find its rows stored and count them as duplicates instead of written."""
         started = time.perf_counter()
-        outcome = await self._retried(self.process, batch, len(batch), pause_collector=True)
+        outcome = await self.process(batch)
+        await self._retried(self.dlq.send, outcome.letters, len(batch))
         await self._retried(self.account, outcome, len(batch))
         await self._commit(batch)
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
@@ -192,23 +193,23 @@ class Worker:
     # -- the steps ---------------------------------------------------------------------------
 
     async def process(self, batch: list) -> BatchOutcome:
-        """Decode, shape, write and dead-letter one batch; what it did, for ``account``."""
+        """Decode, shape and write one batch, each dataset's write retried on its own; what
+        it did (and the dead letters to send) for the steps after it."""
         outcome = BatchOutcome()
         per_dataset: dict[str, Decoded] = defaultdict(Decoded)
-        for record in batch:
-            structure = self.structures.get(record.topic)
-            if structure is None:
-                continue  # a dataset removed from the catalogue: leave its topic alone
-            origin, events = decode(record, structure, per_dataset[record.topic])
-            outcome.received(structure.dataset.id, origin, events)
+        with _collector_paused():
+            for record in batch:
+                structure = self.structures.get(record.topic)
+                if structure is None:
+                    continue  # a dataset removed from the catalogue: leave its topic alone
+                origin, events = decode(record, structure, per_dataset[record.topic])
+                outcome.received(structure.dataset.id, origin, events)
         for topic, decoded in per_dataset.items():
             structure = self.structures[topic]
             latest, superseded = reduce_latest(structure, decoded.rows)
             if latest:
-                started = time.perf_counter()
-                result = await self.sink.write(structure, latest)
-                metrics.WRITE_DURATION.labels(structure.dataset.id).observe(
-                    time.perf_counter() - started)
+                result = await self._retried(self._write, (structure, latest), len(batch),
+                                             pause_collector=True)
                 # superseded rows lost only to a newer write in the same batch: they count
                 # as written, as they would have been one statement at a time
                 written = result.written.copy()
@@ -217,8 +218,15 @@ class Worker:
                 outcome.stored(structure.dataset.id, latest + superseded, written)
             for letter in decoded.dead:
                 outcome.failed(structure.dataset.id, letter)
-        await self.dlq.send([d for decoded in per_dataset.values() for d in decoded.dead])
         return outcome
+
+    async def _write(self, what: tuple[Structure, list]) -> WriteResult:
+        structure, rows = what
+        started = time.perf_counter()
+        result = await self.sink.write(structure, rows)
+        metrics.WRITE_DURATION.labels(structure.dataset.id).observe(
+            time.perf_counter() - started)
+        return result
 
     async def account(self, outcome: BatchOutcome) -> None:
         """Record a stored batch's statistics and request-log counts in Redis."""

@@ -1,14 +1,21 @@
-"""The worker's batch loop: the collector paused per batch, refusals retried or not."""
+"""The worker's batch loop: the collector paused per batch; each step retried on its own."""
 
 from __future__ import annotations
 
 import gc
+from collections import Counter
 
+import orjson
 import pytest
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import ConsumerRecord
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from schemas import records as r
+from schemas.dataset import Limits, parse_dataset
+from schemas.structure import Structure
 from workers.consumer import Worker, _collector_paused
-from workers.sinks import StorageBusy, StorageSchemaError
+from workers.sinks import StorageBusy, StorageSchemaError, WriteResult
 
 
 def test_the_collector_is_paused_for_a_batch_and_back_on_after_it_fails():
@@ -21,48 +28,99 @@ def test_the_collector_is_paused_for_a_batch_and_back_on_after_it_fails():
     assert gc.isenabled()
 
 
-class _FlakyWorker(Worker):
-    """Only the batch loop: the store refuses the first attempt (``refusal``), or Redis
-    refuses the first attempt to record the statistics (``redis_refusal``)."""
+class _FlakySink:
+    """Takes every write, except that it refuses the first ``refusals`` writes to
+    ``refused_table`` with ``refusal``."""
 
-    def __init__(self, refusal: Exception | None = None,
-                 redis_refusal: Exception | None = None):
-        self.refusal, self.redis_refusal = refusal, redis_refusal
-        self.attempts, self.accounted, self.committed = 0, [], []
+    def __init__(self, refusal: Exception | None = None, refused_table: str = "",
+                 refusals: int = 1):
+        self.refusal, self.refused_table, self.refusals = refusal, refused_table, refusals
+        self.writes: list[tuple[str, int]] = []  # (table, rows) of each attempt
 
-    async def process(self, batch):
-        self.attempts += 1
-        if self.attempts == 1 and self.refusal is not None:
+    async def write(self, structure, rows):
+        table = structure.dataset.id
+        self.writes.append((table, len(rows)))
+        if table == self.refused_table and self.refusals:
+            self.refusals -= 1
             raise self.refusal
-        return f"outcome {self.attempts}"
+        return WriteResult(Counter(row.origin.request_id for row in rows))
+
+
+class _Letters:
+    def __init__(self, refusal: Exception | None = None):
+        self.refusal, self.sent = refusal, []
+
+    async def send(self, letters):
+        if self.refusal is not None:
+            refusal, self.refusal = self.refusal, None
+            raise refusal
+        self.sent.append(len(letters))
+
+
+class _BatchLoop(Worker):
+    """The batch loop of a real Worker over two datasets, with the services replaced: the
+    sink (_FlakySink), the dead-letter producer (_Letters) and Redis (``account``, which
+    refuses once when given ``redis_refusal``); commits are recorded."""
+
+    def __init__(self, sink: _FlakySink, letters: _Letters | None = None,
+                 redis_refusal: Exception | None = None):
+        self.sink, self.dlq = sink, letters or _Letters()
+        self.structures = {f"ingest.{name}": Structure(parse_dataset(
+            {"id": name, "schema": {"type": "object", "properties": {"n": {"type": "integer"}},
+                                    "required": ["n"]}}, Limits())) for name in ("a", "b")}
+        self.redis_refusal, self.accounted, self.committed = redis_refusal, [], []
 
     async def account(self, outcome):
-        if not self.accounted and self.redis_refusal is not None:
-            self.accounted.append(None)
-            raise self.redis_refusal
-        self.accounted.append(outcome)
+        if self.redis_refusal is not None:
+            refusal, self.redis_refusal = self.redis_refusal, None
+            raise refusal
+        self.accounted.append({dataset: {name: n for name, n in counts.items() if n}
+                               for (dataset, _), counts in outcome.stats.items()})
 
     async def _commit(self, batch):
-        self.committed.append(batch)
+        self.committed.append(len(batch))
 
 
-async def test_a_batch_the_store_refused_for_now_is_retried_then_committed():
-    worker = _FlakyWorker(StorageBusy("DeadlockDetectedError: deadlock detected"))
-    await worker._handle(["r1", "r2"])
-    assert worker.attempts == 2 and worker.committed == [["r1", "r2"]]
-    assert worker.accounted == ["outcome 2"]
+def _batch() -> list[ConsumerRecord]:
+    """Two records for each dataset, from request r-a-0, r-a-1, r-b-0, r-b-1, and one
+    event that cannot be shaped (``n`` missing) in dataset b."""
+    records = []
+    for offset, (name, events) in enumerate([("a", [{"n": 1}, {"n": 2}]), ("a", [{"n": 3}]),
+                                             ("b", [{"n": 4}]), ("b", [{"x": 5}])]):
+        headers = [(r.H_REQUEST_ID, f"r-{name}-{offset % 2}".encode()),
+                   (r.H_CONNECTOR, b"pos"), (r.H_RECEIVED_AT, b"1790000000000")]
+        records.append(ConsumerRecord(f"ingest.{name}", 0, offset, 0, 0, None,
+                                      orjson.dumps(events), None, 0, 0, headers))
+    return records
 
 
-async def test_statistics_redis_refused_are_retried_without_storing_again():
-    """Storing again would find the rows stored and count them as duplicates, not written."""
-    worker = _FlakyWorker(redis_refusal=RedisConnectionError("Connection closed by server"))
-    await worker._handle(["r1"])
-    assert worker.attempts == 1
-    assert worker.accounted == [None, "outcome 1"] and worker.committed == [["r1"]]
+_EXACT = [{"a": {"written": 3}, "b": {"written": 1, "failed": 1}}]
+
+
+async def test_a_write_the_store_refused_for_now_is_retried_alone():
+    """Dataset b's write is refused once: it is retried, a's is not written again."""
+    loop = _BatchLoop(_FlakySink(StorageBusy("DeadlockDetectedError: deadlock"), "b"))
+    await loop._handle(_batch())
+    assert loop.sink.writes == [("a", 3), ("b", 1), ("b", 1)]
+    assert loop.accounted == _EXACT and loop.committed == [4]
+    assert loop.dlq.sent == [1]
+
+
+@pytest.mark.parametrize("letters, redis_refusal", [
+    (_Letters(KafkaConnectionError("broker away")), None),
+    (None, RedisConnectionError("Connection closed by server")),
+])
+async def test_dead_letters_and_statistics_are_retried_without_writing_again(letters,
+                                                                             redis_refusal):
+    """Writing again would find the rows stored and count them as duplicates."""
+    loop = _BatchLoop(_FlakySink(), letters, redis_refusal)
+    await loop._handle(_batch())
+    assert loop.sink.writes == [("a", 3), ("b", 1)]
+    assert loop.accounted == _EXACT and loop.committed == [4]
 
 
 async def test_a_schema_conflict_is_not_retried():
-    worker = _FlakyWorker(StorageSchemaError("column units is bigint"))
+    loop = _BatchLoop(_FlakySink(StorageSchemaError("column n is text"), "a"))
     with pytest.raises(StorageSchemaError):
-        await worker._handle(["r1"])
-    assert worker.attempts == 1 and worker.committed == [] and worker.accounted == []
+        await loop._handle(_batch())
+    assert loop.sink.writes == [("a", 3)] and loop.committed == [] and loop.accounted == []
