@@ -143,19 +143,19 @@ class Worker:
         retried on its own while its service is away: retrying one that had succeeded would
         find its rows stored and count them as duplicates instead of written."""
         started = time.perf_counter()
-        outcome = await self.process(batch)
+        with _collector_paused():
+            outcome = await self.process(batch)
         await self._retried(self.dlq.send, outcome.letters, len(batch))
         await self._retried(self.account, outcome, len(batch))
         await self._commit(batch)
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
 
-    async def _retried(self, step: Callable[[Any], Awaitable[Any]], arg: Any, records: int,
-                       pause_collector: bool = False) -> Any:
+    async def _retried(self, step: Callable[[Any], Awaitable[Any]], arg: Any,
+                       records: int) -> Any:
         delay = 0.2
         while True:
             try:
-                with _collector_paused() if pause_collector else contextlib.nullcontext():
-                    return await step(arg)
+                return await step(arg)
             except StorageSchemaError:
                 raise  # needs a person: stop with the message
             except (OSError, KafkaError, RedisError, TimeoutError, StorageBusy) as exc:
@@ -163,7 +163,8 @@ class Worker:
                 metrics.BATCH_RETRIES.labels(type(exc).__name__).inc()
                 log.warning("batch of %d records failed (%s: %s); retrying in %.1f s",
                             records, type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
+                with _collector_on():  # an outage may last: no garbage piles up meanwhile
+                    await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF_S)
 
     async def _commit(self, batch: list) -> None:
@@ -197,19 +198,17 @@ class Worker:
         it did (and the dead letters to send) for the steps after it."""
         outcome = BatchOutcome()
         per_dataset: dict[str, Decoded] = defaultdict(Decoded)
-        with _collector_paused():
-            for record in batch:
-                structure = self.structures.get(record.topic)
-                if structure is None:
-                    continue  # a dataset removed from the catalogue: leave its topic alone
-                origin, events = decode(record, structure, per_dataset[record.topic])
-                outcome.received(structure.dataset.id, origin, events)
+        for record in batch:
+            structure = self.structures.get(record.topic)
+            if structure is None:
+                continue  # a dataset removed from the catalogue: leave its topic alone
+            origin, events = decode(record, structure, per_dataset[record.topic])
+            outcome.received(structure.dataset.id, origin, events)
         for topic, decoded in per_dataset.items():
             structure = self.structures[topic]
             latest, superseded = reduce_latest(structure, decoded.rows)
             if latest:
-                result = await self._retried(self._write, (structure, latest), len(batch),
-                                             pause_collector=True)
+                result = await self._retried(self._write, (structure, latest), len(batch))
                 # superseded rows lost only to a newer write in the same batch: they count
                 # as written, as they would have been one statement at a time
                 written = result.written.copy()
@@ -232,6 +231,18 @@ class Worker:
         """Record a stored batch's statistics and request-log counts in Redis."""
         await outcome.write(self.redis, self.account_script, self.account_requests,
                             self.settings.log_max_age_s)
+
+
+@contextlib.contextmanager
+def _collector_on():
+    """The collector on for a while (a retry's wait), then as it was."""
+    was_on = gc.isenabled()
+    gc.enable()
+    try:
+        yield
+    finally:
+        if not was_on:
+            gc.disable()
 
 
 @contextlib.contextmanager

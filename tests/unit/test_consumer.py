@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections import Counter
 
@@ -16,6 +17,28 @@ from schemas.dataset import Limits, parse_dataset
 from schemas.structure import Structure
 from workers.consumer import Worker, _collector_paused
 from workers.sinks import StorageBusy, StorageSchemaError, WriteResult
+
+
+async def test_the_collector_is_on_while_a_retry_waits_and_paused_again_after():
+    states = []
+
+    class Watching(_FlakySink):
+        async def write(self, structure, rows):
+            states.append(gc.isenabled())
+            return await super().write(structure, rows)
+
+    async def watch():  # runs only while the batch loop waits: during the retry's sleep
+        while True:
+            waiting.append(gc.isenabled())
+            await asyncio.sleep(0.01)
+
+    waiting: list[bool] = []
+    watcher = asyncio.create_task(watch())
+    loop = _BatchLoop(Watching(StorageBusy("08006: connection failure"), "a"))
+    await loop._handle(_batch())
+    watcher.cancel()
+    assert states == [False, False, False] and gc.isenabled()  # a (refused), a, b
+    assert len(waiting) > 5 and all(waiting)
 
 
 def test_the_collector_is_paused_for_a_batch_and_back_on_after_it_fails():
