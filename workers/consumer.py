@@ -109,6 +109,9 @@ class Worker:
                 batch = await self._poll()
                 if batch:
                     await self._handle(batch)
+        except _Abandoned as exc:
+            log.warning("stopping with a batch of %d records not committed (%s): the group "
+                        "delivers it again", len(exc.batch), exc.reason)
         finally:
             watcher.cancel()
             await self.consumer.stop()  # leaves the group
@@ -145,13 +148,15 @@ class Worker:
         started = time.perf_counter()
         with _collector_paused():
             outcome = await self.process(batch)
-        await self._retried(self.dlq.send, outcome.letters, len(batch))
-        await self._retried(self.account, outcome, len(batch))
+        await self._retried(self.dlq.send, outcome.letters, batch)
+        await self._retried(self.account, outcome, batch)
         await self._commit(batch)
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
 
     async def _retried(self, step: Callable[[Any], Awaitable[Any]], arg: Any,
-                       records: int) -> Any:
+                       batch: list) -> Any:
+        """``step(arg)``, again after each transient failure, until it succeeds or the worker
+        is told to stop (then the batch is abandoned uncommitted: _Abandoned)."""
         delay = 0.2
         while True:
             try:
@@ -160,11 +165,15 @@ class Worker:
                 raise  # needs a person: stop with the message
             except (OSError, KafkaError, RedisError, TimeoutError, StorageBusy) as exc:
                 # transient (storage, broker or Redis away): the same step again, idempotently
+                reason = f"{type(exc).__name__}: {exc}"
+                if self.stopping.is_set():
+                    raise _Abandoned(batch, reason) from exc
                 metrics.BATCH_RETRIES.labels(type(exc).__name__).inc()
-                log.warning("batch of %d records failed (%s: %s); retrying in %.1f s",
-                            records, type(exc).__name__, exc, delay)
-                with _collector_on():  # an outage may last: no garbage piles up meanwhile
-                    await asyncio.sleep(delay)
+                log.warning("batch of %d records failed (%s); retrying in %.1f s",
+                            len(batch), reason, delay)
+                # an outage may last: no garbage piles up meanwhile; stop() wakes it early
+                with _collector_on(), contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
                 delay = min(delay * 2, _MAX_BACKOFF_S)
 
     async def _commit(self, batch: list) -> None:
@@ -208,7 +217,7 @@ class Worker:
             structure = self.structures[topic]
             latest, superseded = reduce_latest(structure, decoded.rows)
             if latest:
-                result = await self._retried(self._write, (structure, latest), len(batch))
+                result = await self._retried(self._write, (structure, latest), batch)
                 # superseded rows lost only to a newer write in the same batch: they count
                 # as written, as they would have been one statement at a time
                 written = result.written.copy()
@@ -231,6 +240,15 @@ class Worker:
         """Record a stored batch's statistics and request-log counts in Redis."""
         await outcome.write(self.redis, self.account_script, self.account_requests,
                             self.settings.log_max_age_s)
+
+
+class _Abandoned(Exception):
+    """The worker was told to stop while a step of ``batch`` kept failing: nothing of it is
+    committed, so the group delivers it again (storage keeps it exactly once)."""
+
+    def __init__(self, batch: list, reason: str):
+        super().__init__(reason)
+        self.batch, self.reason = batch, reason
 
 
 @contextlib.contextmanager

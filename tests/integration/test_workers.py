@@ -180,6 +180,31 @@ async def test_a_batch_stored_while_redis_is_away_is_counted_once(make_gateway, 
     assert await count(storage_url) == 30
 
 
+async def test_a_worker_told_to_stop_while_redis_is_away_stops_and_commits_nothing(
+        make_gateway, own_redis, tmp_path):
+    """A SIGTERM during an outage (a rolling deploy, say) ends the worker within its Redis
+    timeouts instead of waiting for Redis; its batch is delivered again and stored once."""
+    storage = f"sqlite:///{tmp_path}/stop.db"
+    redis = own_redis()
+    gateway = await make_gateway(redis=redis.url)
+    body = orjson.dumps([{"region": f"stop-{j}", "revenue": j} for j in range(10)])
+    assert (await gateway.post(body)).status == 202
+    group = f"stop-{uuid.uuid4().hex[:6]}"
+    redis.pause()
+    try:
+        stopping = Running(gateway, storage, group)
+        async with stopping:
+            await wait_for(lambda: _equals(count(storage), 10))  # stored; statistics stuck
+            stopping.worker.stop()
+            await asyncio.wait_for(asyncio.shield(stopping.task), 10)
+        assert stopping.worker.batches == 0
+    finally:
+        redis.resume()
+    async with Running(gateway, storage, group) as again:
+        await wait_for(lambda: _positive(again.worker.batches))
+    assert await count(storage) == 10
+
+
 async def test_out_of_order_item_key_updates_keep_the_newest(gateway, storage_url):
     newer = [(r.H_RECEIVED_AT, b"1800000002000"), (r.H_CONNECTOR, b"pos")]
     older = [(r.H_RECEIVED_AT, b"1800000001000"), (r.H_CONNECTOR, b"pos")]

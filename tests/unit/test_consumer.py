@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from schemas import records as r
 from schemas.dataset import Limits, parse_dataset
 from schemas.structure import Structure
-from workers.consumer import Worker, _collector_paused
+from workers.consumer import Worker, _Abandoned, _collector_paused
 from workers.sinks import StorageBusy, StorageSchemaError, WriteResult
 
 
@@ -88,6 +88,7 @@ class _BatchLoop(Worker):
     def __init__(self, sink: _FlakySink, letters: _Letters | None = None,
                  redis_refusal: Exception | None = None):
         self.sink, self.dlq = sink, letters or _Letters()
+        self.stopping = asyncio.Event()
         self.structures = {f"ingest.{name}": Structure(parse_dataset(
             {"id": name, "schema": {"type": "object", "properties": {"n": {"type": "integer"}},
                                     "required": ["n"]}}, Limits())) for name in ("a", "b")}
@@ -147,3 +148,15 @@ async def test_a_schema_conflict_is_not_retried():
     with pytest.raises(StorageSchemaError):
         await loop._handle(_batch())
     assert loop.sink.writes == [("a", 3)] and loop.committed == [] and loop.accounted == []
+
+
+async def test_a_stop_during_retries_abandons_the_batch_uncommitted():
+    loop = _BatchLoop(_FlakySink(StorageBusy("57P03: the database system is starting up"), "b",
+                                 refusals=1000))
+    handling = asyncio.create_task(loop._handle(_batch()))
+    while len(loop.sink.writes) < 3:  # a, then b refused twice: retrying
+        await asyncio.sleep(0.05)
+    loop.stop()
+    with pytest.raises(_Abandoned):
+        await asyncio.wait_for(handling, 2)  # woken from its back-off, tried once more
+    assert loop.committed == [] and loop.accounted == []
