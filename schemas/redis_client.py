@@ -50,7 +50,8 @@ class _PrimaryConnection(SentinelManagedConnection):
     connects, so after a failover the retry above reaches the new primary. (redis-py's own
     asks only on its first connect: a reconnect after the primary died went to the old
     address until the client was recreated: redis/redis-py#3874.) A connection to a server
-    that has been demoted drops itself on READONLY (redis-py) and reconnects here."""
+    that has been demoted drops itself on READONLY (redis-py) and reconnects here. A new
+    connection asks twice (redis-py's first connect, then here): connections are pooled."""
 
     async def _connect(self) -> None:
         if self.connection_pool.is_master:

@@ -56,7 +56,7 @@ def log_file(name: str):
 def ensure_redis(env: dict[str, str], started: list) -> None:
     url = urlparse(env.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0"))
     if url.scheme == "redis+sentinel":  # a Redis of yours: /readyz says whether it answers
-        print(f"redis: using {env['REDIS_URL'].rpartition('@')[2]}")
+        print(f"redis: using the Sentinels at {url.netloc.rpartition('@')[2]}")
         return
     host, port = url.hostname or "127.0.0.1", url.port or 6379
     if answers(host, port):
