@@ -49,6 +49,9 @@ VARIABLES: Variables = {
                                "still comes alone): bounds memory whatever the records hold"),
     "WORKER_BATCH_MS": ("batch_ms", "200", int_range(1, 60_000),
                         "how long a batch waits to fill before it is written"),
+    "WORKER_SESSION_TIMEOUT_MS": ("session_timeout_ms", "10000", int_range(1000, 300_000),
+                                  "how long the group waits for a silent worker before its "
+                                  "partitions move (Kafka's session.timeout.ms)"),
     "WORKER_METRICS_PORT": ("metrics_port", "9108", int_range(0, 65535),
                             "port of the workers' /metrics (0: none)"),
     "WORKER_CATALOGUE_RELOAD_S": ("reload_s", "10", float_min(0.5),
@@ -74,6 +77,7 @@ class WorkerSettings:
     batch_size: int
     batch_max_bytes: int
     batch_ms: int
+    session_timeout_ms: int
     metrics_port: int
     reload_s: float
     log_max_age_s: int

@@ -96,6 +96,8 @@ class Worker:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.settings.batch_size,
+            session_timeout_ms=self.settings.session_timeout_ms,
+            heartbeat_interval_ms=min(3000, self.settings.session_timeout_ms // 3),
             # one fetch brings at most about a batch's bytes (a larger record still comes)
             fetch_max_bytes=self.settings.batch_max_bytes,
             max_partition_fetch_bytes=min(self.settings.batch_max_bytes, 1024 * 1024),

@@ -45,6 +45,9 @@ class Workers:
                     # small batches: many commits, so a kill often lands between a write and
                     # its commit
                     "WORKER_BATCH_SIZE": "8", "WORKER_BATCH_MS": "20",
+                    # a killed worker's partitions move after 3 s (Tansu also holds a new
+                    # group for half of it before the first assignment)
+                    "WORKER_SESSION_TIMEOUT_MS": "3000",
                     "SLUICE_LOG_FORMAT": "text"}
         self.logs = logs
         self.procs: list[subprocess.Popen] = []

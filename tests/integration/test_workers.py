@@ -45,6 +45,7 @@ class Running:
             "REDIS_URL": gw.redis_url,
             "WORKER_GROUP_ID": group or f"test-{uuid.uuid4().hex[:8]}",
             "WORKER_BATCH_MS": "50",
+            "WORKER_SESSION_TIMEOUT_MS": "3000",  # Tansu holds a new group for half of it
             **env,
         })
         self.worker = Worker(self.settings)

@@ -42,6 +42,14 @@ def test_sentinel_urls(url, expected):
     assert Settings.from_env({"REDIS_URL": url}).redis_url == url
 
 
+def test_worker_session_timeout_is_bounded():
+    from workers.config import WorkerSettings
+
+    assert WorkerSettings.from_env({}).session_timeout_ms == 10_000
+    with pytest.raises(ConfigError, match="WORKER_SESSION_TIMEOUT_MS"):
+        WorkerSettings.from_env({"WORKER_SESSION_TIMEOUT_MS": "500"})
+
+
 def test_lock_must_outlive_publish_timeout():
     with pytest.raises(ConfigError, match="LOCK_TTL"):
         Settings.from_env({"SLUICE_IDEMPOTENCY_LOCK_TTL_S": "5", "KAFKA_PUBLISH_TIMEOUT_S": "10"})
