@@ -366,6 +366,17 @@ async def _stored_once(clients: RetryingClients, storage_url: str, catalogue: Pa
         rid: (ITEMS_PER_REQUEST, ITEMS_PER_REQUEST) for rid in clients.acknowledged}
 
 
+async def _kill_served_processes(proc: subprocess.Popen, kills: int) -> None:
+    """SIGKILL one of the served gateway's processes (its supervisor replaces it) each
+    second, ``kills`` times, then wait a second more."""
+    for n in range(kills):
+        await asyncio.sleep(1.0)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        os.kill(int(random.Random(n).choice(children)), signal.SIGKILL)
+    await asyncio.sleep(1.0)
+
+
 async def test_killed_gateway_processes_lose_nothing_a_retrying_client_sent(
         tmp_path, kafka, redis_url, postgres_url):
     """Gateway processes SIGKILLed under retrying clients: every request ends acknowledged
@@ -377,12 +388,7 @@ async def test_killed_gateway_processes_lose_nothing_a_retrying_client_sent(
         SLUICE_IDEMPOTENCY_LOCK_TTL_S="2", KAFKA_PUBLISH_TIMEOUT_S="1")
     clients = RetryingClients(f"{base}/v1/datasets/other/events", key)
     sending = asyncio.create_task(clients.run())
-    for n in range(4):
-        await asyncio.sleep(1.0)
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                   text=True).stdout.split()
-        os.kill(int(random.Random(n).choice(children)), signal.SIGKILL)
-    await asyncio.sleep(1.0)
+    await _kill_served_processes(proc, 4)
     clients.stop.set()
     await asyncio.wait_for(sending, 60)
     assert stop_gateway(proc) == (0, [])  # its replacements stopped too
@@ -416,3 +422,83 @@ async def test_frozen_broker_and_redis_lose_nothing_a_retrying_client_sent(
     assert stop_gateway(proc) == (0, [])
     assert clients.refusals[503] > 0
     await _stored_once(clients, postgres_url, tmp_path, broker.bootstrap, redis.url, tmp_path)
+
+
+async def test_a_session_sent_through_killed_gateway_processes_completes_with_every_chunk_once(
+        tmp_path, kafka, redis_url, postgres_url):
+    """Ingestion sessions under the same kills: chunks retried with their Idempotency-Key
+    until answered 201, the session closed, then drained: it becomes complete, and every
+    chunk's records are stored once (a chunk cut off after its publish is published again
+    by its retry once its claim lapses, and dropped by the workers)."""
+    proc, base, key, _ = await start_gateway(
+        tmp_path, kafka.bootstrap, redis_url, 2, dataset="other",
+        SLUICE_IDEMPOTENCY_LOCK_TTL_S="2", KAFKA_PUBLISH_TIMEOUT_S="1")
+    auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    stop = asyncio.Event()
+    answered: set[str] = set()
+    cut_off = Counter()
+
+    async def until_answered(session, method: str, url: str, body: bytes, expected: int,
+                             **headers: str) -> dict:
+        delay = 0.05
+        while True:
+            try:
+                async with session.request(method, url, data=body,
+                                           headers={**auth, **headers}) as resp:
+                    if resp.status == expected:
+                        return await resp.json()
+                    assert resp.status in (409, 503), (resp.status, await resp.text())
+            except aiohttp.ClientError:
+                cut_off[method] += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def chunks(session, ingestion: str, n: int) -> None:
+        while not stop.is_set():
+            chunk = f"chunk-{n}"
+            body = orjson.dumps([{"n": n, "i": i} for i in range(ITEMS_PER_REQUEST)])
+            await until_answered(session, "POST", f"{base}/v1/ingestions/{ingestion}/chunks",
+                                 body, 201, **{"Idempotency-Key": chunk, "X-Request-ID": chunk})
+            answered.add(chunk)
+            n += 8
+
+    async with aiohttp.ClientSession() as session:
+        opened = await until_answered(session, "POST", f"{base}/v1/ingestions",
+                                      orjson.dumps({"dataset": "other"}), 201,
+                                      **{"Idempotency-Key": "open-chaos"})
+        ingestion = opened["ingestion_id"]
+        senders = [asyncio.create_task(chunks(session, ingestion, i)) for i in range(8)]
+        await _kill_served_processes(proc, 3)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*senders), 60)
+        await until_answered(session, "PATCH", f"{base}/v1/ingestions/{ingestion}",
+                             orjson.dumps({"status": "closed"}), 200)
+        assert cut_off["POST"] > 0  # chunks were cut off by the kills
+        workers = Workers(postgres_url, tmp_path, kafka.bootstrap, redis_url, tmp_path)
+        workers.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                async with session.get(f"{base}/v1/ingestions/{ingestion}",
+                                       headers=auth) as resp:
+                    state = await resp.json()
+                if state.get("complete"):
+                    break
+                assert asyncio.get_running_loop().time() < deadline, (state,
+                                                                      workers.log_text())
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
+        finally:
+            exits = workers.stop()
+    assert stop_gateway(proc) == (0, [])
+    assert exits == [0]
+    assert state["status"] == "closed" and state["chunks_in_flight"] == 0
+    stored_rows = await rows(postgres_url, "SELECT _request_id, count(*), count(DISTINCT _index) "
+                                           "FROM other GROUP BY _request_id")
+    assert {rid: (n, d) for rid, n, d in stored_rows} == {
+        chunk: (ITEMS_PER_REQUEST, ITEMS_PER_REQUEST) for chunk in answered}
+    # written is exact; a chunk counted by a process that died before storing its answer is
+    # counted again by its retry, whose second copy the workers drop as a duplicate
+    expected = len(answered) * ITEMS_PER_REQUEST
+    assert state["items_written"] == expected
+    assert 0 <= state["items_accepted"] - expected <= state["items_duplicate"]
