@@ -1,6 +1,9 @@
-"""Exactly once under faults, end to end: requests keep arriving while worker processes are
-killed (SIGKILL, mid-batch) and replaced, and the store drops their connections; afterwards
-every acknowledged event is stored once, and nothing else is."""
+"""Exactly once under faults, end to end, on real processes and services: worker processes
+killed mid-batch (SIGKILL) and replaced while requests keep arriving, the store dropping
+their connections, gateway processes killed under clients that retry until acknowledged,
+the broker and Redis frozen, an ingestion session sent through all that. Afterwards every
+acknowledged event is stored once (the newest per item, for item-key datasets), and nothing
+else is."""
 
 from __future__ import annotations
 
@@ -84,17 +87,22 @@ class Workers:
                          for p in sorted(self.logs.glob("worker-*.log")))
 
 
-async def _stored_beyond_commit(gw, storage_url: str, group: str) -> dict[int, tuple[int, int]]:
-    """Partitions whose stored rows go past the group's committed offset: {partition:
-    (committed, last stored offset + 1)}."""
-    reader = AIOKafkaConsumer(bootstrap_servers=gw.bootstrap, group_id=group,
+async def _committed(bootstrap: str, topic: str, group: str) -> dict[int, int]:
+    """The group's committed offset of each partition of ``topic`` that has one."""
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
                               enable_auto_commit=False)  # never subscribes: joins nothing
     await reader.start()
     try:
-        committed = {p: await reader.committed(TopicPartition(gw.other_topic, p)) or 0
-                     for p in (0, 1)}
+        offsets = {p: await reader.committed(TopicPartition(topic, p)) for p in (0, 1)}
     finally:
         await reader.stop()
+    return {p: offset for p, offset in offsets.items() if offset}
+
+
+async def _stored_beyond_commit(gw, storage_url: str, group: str) -> dict[int, tuple[int, int]]:
+    """Partitions whose stored rows go past the group's committed offset: {partition:
+    (committed, last stored offset + 1)}."""
+    committed = await _committed(gw.bootstrap, gw.other_topic, group)
     stored = await rows(storage_url, "SELECT _partition, max(_offset) + 1 FROM other "
                                      "GROUP BY _partition")
     return {p: (committed.get(p, 0), end) for p, end in stored if end > committed.get(p, 0)}
@@ -288,18 +296,6 @@ async def test_killed_workers_keep_the_newest_row_of_each_item(gateway, storage_
     stored = await rows(storage_url, "SELECT region, revenue FROM sales")
     assert dict(stored) == expected
     assert len(published) > BACKLOG // 2
-
-
-async def _committed(bootstrap: str, topic: str, group: str) -> dict[int, int]:
-    """The group's committed offset of each partition of ``topic`` that has one."""
-    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                              enable_auto_commit=False)  # never subscribes: joins nothing
-    await reader.start()
-    try:
-        offsets = {p: await reader.committed(TopicPartition(topic, p)) for p in (0, 1)}
-    finally:
-        await reader.stop()
-    return {p: offset for p, offset in offsets.items() if offset}
 
 
 class RetryingClients:
