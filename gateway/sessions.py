@@ -83,11 +83,19 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: state, alive, inflight. ARGV: claim token, counted (0/1), received, accepted, rejected.
+# KEYS: state, alive, inflight, counted. ARGV: claim token, publish (0/1), received, accepted,
+# rejected, the chunk's Idempotency-Key ('' for none), retention ms. A chunk whose key was
+# counted already is not counted again: its retry after its process died between counting it
+# and storing its answer, which publishes it again (the workers drop that copy).
 _END = """
 redis.call('ZREM', KEYS[3], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if ARGV[2] == '1' then
+local count = ARGV[2] == '1'
+if count and ARGV[6] ~= '' then
+  count = redis.call('SADD', KEYS[4], ARGV[6]) == 1
+  redis.call('PEXPIRE', KEYS[4], ARGV[7])
+end
+if count then
   redis.call('HINCRBY', KEYS[1], 'chunks', 1)
   redis.call('HINCRBY', KEYS[1], 'received', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'accepted', ARGV[4])
@@ -395,13 +403,17 @@ class Sessions:
                                  ingestion_id=session_id, session_status=EXPIRED)
         raise SessionNotFound(f"no ingestion session {session_id!r}")
 
-    async def leave(self, session_id: str, token: str,
-                    counts: tuple[int, int, int] | None) -> None:
-        """Drop the chunk's claim, adding its counts if it was published. Never raises: the
-        records may be durable already; a claim left behind lapses on its own."""
+    async def leave(self, session_id: str, token: str, counts: tuple[int, int, int] | None,
+                    idempotency_key: str | None = None) -> None:
+        """Drop the chunk's claim, adding its counts if it was published (once per
+        ``idempotency_key``, a pair of the ingest key's id and the chunk's Idempotency-Key).
+        Never raises: the records may be durable already; a claim left behind lapses on its
+        own."""
         args = [token, 0, 0, 0, 0] if counts is None else [token, 1, *counts]
+        args += [idempotency_key or "", self._retention_ms]
+        keys = [*_keys(session_id)[:3], k.session_counted_key(session_id)]
         try:
-            await self._end(keys=_keys(session_id)[:3], args=args)
+            await self._end(keys=keys, args=args)
         except RedisError:
             metrics.REDIS_ERRORS.labels("session").inc()
             log.warning("could not end a chunk of session %s; its claim lapses in %d s",

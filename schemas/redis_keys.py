@@ -45,6 +45,11 @@ def session_alive_key(session_id: str) -> str:
     return f"{PREFIX}:session:{session_tag(session_id)}:alive"
 
 
+def session_counted_key(session_id: str) -> str:
+    """Set of the Idempotency-Keys (with their ingest key's id) of the chunks counted."""
+    return f"{PREFIX}:session:{session_tag(session_id)}:counted"
+
+
 def session_inflight_key(session_id: str) -> str:
     """Sorted set of the chunks being processed, scored by the epoch ms their claim lapses."""
     return f"{PREFIX}:session:{session_tag(session_id)}:inflight"

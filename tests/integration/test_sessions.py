@@ -15,9 +15,11 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer
+from redis.asyncio import Redis
 
 from gateway.app import SERVER_KWARGS, create_app
 from schemas import records as r
+from schemas import redis_keys
 from schemas.keys import hash_key, new_key
 from tests.integration.test_push import assert_problem
 from tests.integration.test_workers import Running, count, rows, wait_for
@@ -321,6 +323,26 @@ async def test_idempotency_and_rate_limits_work_as_on_the_push_route(make_gatewa
     assert int(limited.headers["Retry-After"]) >= 1
     assert [e for e, _ in await published_events(gw)] == sales("i", 2)
     assert counts(await status(gw, sid))["chunks"] == 1
+
+
+async def test_a_chunk_republished_by_its_retry_is_counted_once(gateway):
+    """The process that counted a chunk died before storing its answer (here: the stored
+    answer is deleted); the client's retry with the same Idempotency-Key publishes it again,
+    and the session counts it once (the workers drop the second copy)."""
+    sid = (await open_session(gateway, dataset="sales"))["ingestion_id"]
+    assert (await chunk(gateway, sid, sales("r", 2), **{"Idempotency-Key": "c-1"})).status == 201
+    client = Redis.from_url(gateway.redis_url)
+    try:
+        await client.delete(redis_keys.idempotency_key("sales", "pos", "c-1"))
+    finally:
+        await client.aclose()
+    again = await chunk(gateway, sid, sales("r", 2), **{"Idempotency-Key": "c-1"})
+    assert again.status == 201 and "Idempotent-Replayed" not in again.headers
+    assert [e for e, _ in await published_events(gateway)] == sales("r", 2) * 2
+    other = await chunk(gateway, sid, sales("s", 1), **{"Idempotency-Key": "c-2"})
+    assert other.status == 201
+    got = counts(await status(gateway, sid))
+    assert (got["chunks"], got["items_received"], got["items_accepted"]) == (2, 3, 3)
 
 
 async def test_create_accepts_namespace_and_entity_and_checks_its_fields(make_gateway):
