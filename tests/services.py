@@ -350,20 +350,16 @@ class RedisSentinel(_Process):
         return [_redis_server(), str(config), "--sentinel"]
 
     def healthy(self) -> bool:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
-                             socket_connect_timeout=0.5)
         try:
-            return client.sentinel_get_master_addr_by_name(self.service) is not None
+            return self.primary() is not None
         except redis.RedisError:
             return False
-        finally:
-            client.close()
 
     def primary(self) -> tuple[str, int] | None:
         """The primary as clients see it (redis-py's discover_master): known, and neither
         subjectively nor objectively down; None during a failover."""
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
-                             decode_responses=True)
+                             socket_connect_timeout=0.5, decode_responses=True)
         try:
             state = client.sentinel_masters().get(self.service)
         finally:

@@ -150,19 +150,20 @@ class Worker:
         started = time.perf_counter()
         with _collector_paused():
             outcome = await self.process(batch)
-        await self._retried(self.dlq.send, outcome.letters, batch)
-        await self._retried(self.account, outcome, batch)
+        await self._retried(batch, self.dlq.send, outcome.letters)
+        await self._retried(batch, self.account, outcome)
         await self._commit(batch)
         metrics.BATCH_DURATION.observe(time.perf_counter() - started)
 
-    async def _retried(self, step: Callable[[Any], Awaitable[Any]], arg: Any,
-                       batch: list) -> Any:
-        """``step(arg)``, again after each transient failure, until it succeeds or the worker
-        is told to stop (then the batch is abandoned uncommitted: _Abandoned)."""
+    async def _retried(self, batch: list, step: Callable[..., Awaitable[Any]],
+                       *args: Any) -> Any:
+        """``step(*args)``, a step of ``batch``, again after each transient failure, until it
+        succeeds or the worker is told to stop (then the batch is abandoned uncommitted:
+        _Abandoned)."""
         delay = 0.2
         while True:
             try:
-                return await step(arg)
+                return await step(*args)
             except StorageSchemaError:
                 raise  # needs a person: stop with the message
             except (OSError, KafkaError, RedisError, TimeoutError, StorageBusy) as exc:
@@ -219,7 +220,7 @@ class Worker:
             structure = self.structures[topic]
             latest, superseded = reduce_latest(structure, decoded.rows)
             if latest:
-                result = await self._retried(self._write, (structure, latest), batch)
+                result = await self._retried(batch, self._write, structure, latest)
                 # superseded rows lost only to a newer write in the same batch: they count
                 # as written, as they would have been one statement at a time
                 written = result.written.copy()
@@ -230,8 +231,7 @@ class Worker:
                 outcome.failed(structure.dataset.id, letter)
         return outcome
 
-    async def _write(self, what: tuple[Structure, list]) -> WriteResult:
-        structure, rows = what
+    async def _write(self, structure: Structure, rows: list) -> WriteResult:
         started = time.perf_counter()
         result = await self.sink.write(structure, rows)
         metrics.WRITE_DURATION.labels(structure.dataset.id).observe(
