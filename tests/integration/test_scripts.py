@@ -119,6 +119,31 @@ async def test_connections_left_from_before_a_redis_restart_are_replaced(own_red
         await plain.aclose()
 
 
+async def test_the_batchers_own_connection_is_replaced_after_a_redis_restart(own_redis):
+    """The batcher keeps one connection; broken by a restart, it fails once and the batch
+    goes out again on a new one (the refused attempt never reached the new server)."""
+    server = own_redis()
+    client = redis_client.connect(server.url, 0.5)
+    try:
+        batcher = CountingBatcher(client)
+        count = batcher.register(COUNT)
+        assert await count(["r"], [1]) == 1
+        held = batcher._conn
+        server.stop()
+        server.start()
+        before = batcher.pipelines
+        assert await asyncio.gather(count(["r"], [1]), count(["r"], [1])) in ([1, 2], [2, 1])
+        # the batch (its reconnect and retry within it), then again once the new server has
+        # been given the script (NOSCRIPT)
+        assert batcher.pipelines == before + 2
+        assert batcher._conn is held and held.is_connected  # the same connection, reconnected
+        assert int(await client.get("r")) == 2  # each call ran once on the new server
+        await batcher.close()
+        assert batcher._conn is None
+    finally:
+        await client.aclose()
+
+
 # Adds ARGV[i] to KEYS[1] for every i, answering each running total: a script serving many calls.
 ADD_ALL = """
 local out = {}
