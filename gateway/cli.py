@@ -32,8 +32,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if settings.processes > 1:
-        prepare_multiprocess("gateway")  # before prometheus_client is imported
+    prepare_multiprocess("gateway", settings.processes)  # before prometheus_client's import
     from gateway.server import serve  # uvloop, aiohttp and the metrics only when serving
 
     logs.configure(settings.log_level, settings.log_format)

@@ -9,13 +9,16 @@ import tempfile
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def prepare_multiprocess(name: str) -> None:
-    """Before forking and before prometheus_client is imported: a fresh shared directory."""
+def prepare_multiprocess(name: str, processes: int) -> None:
+    """Before forking and before prometheus_client is imported: a fresh shared directory,
+    the one PROMETHEUS_MULTIPROC_DIR names (also for one process: prometheus-client writes
+    there whenever it is set, and fails at start-up if it does not exist), else a temporary
+    one when there are several processes."""
     directory = os.environ.get(MULTIPROC_ENV)
     if directory:
         shutil.rmtree(directory, ignore_errors=True)  # stale files would add old counts
         os.makedirs(directory, exist_ok=True)
-    else:
+    elif processes > 1:
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix=f"sluice-{name}-metrics-")
 
 

@@ -43,8 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logs.configure(settings.log_level, settings.log_format)
     load_catalogue(settings.catalogue_dir, settings.limits)  # fail fast, before forking
-    if settings.processes > 1:
-        prepare_multiprocess("worker")  # before prometheus_client is imported
+    prepare_multiprocess("worker", settings.processes)  # before prometheus_client's import
     if settings.metrics_port:
         _serve_metrics(settings.metrics_port)  # in the parent: it sums every process
     if settings.processes == 1:

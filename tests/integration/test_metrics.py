@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_push import ITEMS
-from tests.integration.test_server import post, start_gateway
+from tests.integration.test_server import post, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -79,6 +79,27 @@ async def test_counts_sum_across_processes(tmp_path, kafka, redis_url):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+async def test_one_process_with_a_metrics_directory_that_does_not_exist_yet(
+        tmp_path, kafka, redis_url):
+    """prometheus-client writes to PROMETHEUS_MULTIPROC_DIR whenever it is set, one process
+    or many; the gateway creates it (it failed to start with FileNotFoundError)."""
+    directory = tmp_path / "not" / "yet" / "there"
+    (tmp_path / "catalogue").mkdir()
+    proc, base, key, _ = await start_gateway(tmp_path / "catalogue", kafka.bootstrap, redis_url,
+                                             1, PROMETHEUS_MULTIPROC_DIR=str(directory))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with post(s, base, key, orjson.dumps(ITEMS)) as resp:
+                assert resp.status == 202
+            async with s.get(base + "/metrics") as resp:
+                metrics = samples(await resp.text())
+        assert value(metrics, "sluice_http_requests_total", dataset="sales",
+                     route="/v1/datasets/{dataset}/events", status="202") == 1.0
+        assert any(directory.glob("counter_*.db"))
+    finally:
+        assert stop_gateway(proc) == (0, [])
 
 
 async def test_worker_metrics_follow_the_batch(gateway, tmp_path):
