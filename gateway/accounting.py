@@ -82,15 +82,15 @@ class Accountant:
         """The request's fate, recorded once: metrics now, log and statistics at the flush."""
         dataset = outcome.dataset
         if outcome.accepted:
-            metrics.EVENTS.labels(dataset, "accepted").inc(outcome.accepted)
+            metrics.child(metrics.EVENTS, dataset, "accepted").inc(outcome.accepted)
         if outcome.rejected:
-            metrics.EVENTS.labels(dataset, "rejected").inc(outcome.rejected)
+            metrics.child(metrics.EVENTS, dataset, "rejected").inc(outcome.rejected)
         if outcome.replayed:
             metrics.REPLAYED.labels(dataset).inc()
         if outcome.rate_limited:
             metrics.RATE_LIMITED.labels(dataset).inc()
         if outcome.bytes:
-            metrics.PAYLOAD_BYTES.labels(dataset).observe(outcome.bytes)
+            metrics.child(metrics.PAYLOAD_BYTES, dataset).observe(outcome.bytes)
         if len(self._pending) >= self._max_pending:
             self._pending.pop(0)
             self.dropped += 1

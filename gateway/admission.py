@@ -135,6 +135,9 @@ class Verdict(IntEnum):
     REPLAY = 4
 
 
+_VERDICTS = tuple(Verdict)  # by value, without IntEnum's lookup on every request
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     verdict: Verdict
@@ -191,7 +194,7 @@ class Admitter:
             metrics.REDIS_ERRORS.labels("admit").inc()
             raise RedisUnavailable(headers={"Retry-After": "1"}) from exc
         replay = result[3] if len(result) > 3 else None
-        return Admission(Verdict(result[0]), int(result[1]), int(result[2]), replay)
+        return Admission(_VERDICTS[result[0]], int(result[1]), int(result[2]), replay)
 
     def _send_admits(self, group: tuple[str, float, int], calls: list[tuple]) -> Future:
         bucket, rate, burst = group

@@ -93,8 +93,8 @@ async def edge(request: web.Request, handler) -> web.StreamResponse:
         response.headers["X-Request-ID"] = rid
         route, dataset = _labels(request)
         elapsed = time.perf_counter() - started
-        metrics.HTTP_DURATION.labels(route).observe(elapsed)
-        metrics.HTTP_REQUESTS.labels(dataset, route, str(response.status)).inc()
+        metrics.child(metrics.HTTP_DURATION, route).observe(elapsed)
+        metrics.child(metrics.HTTP_REQUESTS, dataset, route, str(response.status)).inc()
         if request.app[ACCESS_LOG]:
             access_log.info("%s %s %d", request.method, route, response.status, extra={
                 "method": request.method, "route": route, "dataset": dataset or None,

@@ -30,6 +30,19 @@ def _process_id() -> int:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+_children: dict[tuple, object] = {}
+
+
+def child(metric, *labels: str):
+    """``metric.labels(*labels)``, remembered: prometheus-client validates the labels and takes
+    a lock on every labels() call; the label values are bounded (above), so this is too. For
+    the request path; the same child objects labels() returns (fork-safe as they are)."""
+    key = (metric, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)
 

@@ -86,7 +86,7 @@ async def _ingest(request: web.Request, state, principal, dataset, received_at_m
         body=body,
         gzipped=gzipped,
         mime=mime,
-        partial=request.query.get("partial", "").lower() in _TRUE,
+        partial=bool(request.query_string) and request.query.get("partial", "").lower() in _TRUE,
         idempotency_key=token,
         request_id=request[REQUEST_ID],
         received_at_ms=received_at_ms,
