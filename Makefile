@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test test-unit lint fmt clean venv system-deps bench bench-deps profile soak
+.PHONY: run test test-unit lint fmt clean venv system-deps bench bench-deps profile soak ab
 
 venv: $(STAMP)
 
@@ -51,6 +51,10 @@ bench: venv system-deps bench-deps
 soak: venv system-deps bench-deps
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
+# Two versions of the gateway side by side under one load: `make ab AB_ARGS="OLD [NEW] ..."`
+ab: venv system-deps bench-deps
+	$(PY) -m bench.ab $(AB_ARGS)
+
 # py-spy (PyPI) samples the gateway's processes under wrk load: `make profile PROFILE_ARGS=...`
 profile: venv system-deps bench-deps
 	@test -x $(VENV)/bin/py-spy || $(PY) -m pip install --quiet py-spy
@@ -64,3 +68,4 @@ fmt: venv
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache *.egg-info
+	-git worktree prune  # the checkouts `make ab` left in var/ab

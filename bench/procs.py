@@ -91,11 +91,13 @@ class Service:
                 self.proc.wait()
 
 
-def start(name: str, args: list[str], env: dict[str, str], logs: Path) -> Service:
+def start(name: str, args: list[str], env: dict[str, str], logs: Path,
+          root: Path = ROOT) -> Service:
+    """``python args`` in ``root`` (a checkout: its code is what runs), logging to logs/."""
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{name}.log"
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, *args], env={**os.environ, **env}, cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, *args], env={**os.environ, **env}, cwd=root,
                                 stdout=out, stderr=subprocess.STDOUT)
     return Service(name, proc, log)
 

@@ -2,7 +2,8 @@
 and how fast the workers drain a backlog; one table, and JSON in bench/results/.
 
     python -m bench.run [--seconds 10] [--rounds 3] [--processes 2] [--targets bare relay raw]
-                        [--scenarios ...] [--skip-drain] [--drain-events 1000000] [--no-save]
+                        [--scenarios ...] [--cpu-at-rates 250 1000] [--skip-drain]
+                        [--drain-events 1000000] [--no-save]
 
 Everything runs on this machine: a redis-server and a Tansu broker of its own on free ports,
 the gateway (`sluice serve`), the references (bench/references.py), wrk, the workers and the
@@ -88,18 +89,21 @@ class Bench:
 
     # -- targets -------------------------------------------------------------------------------
 
-    def gateway(self) -> tuple[Service, str]:
-        catalogue = self.work / "catalogue"
+    def gateway(self, name: str = "gateway", root: Path = ROOT) -> tuple[Service, str]:
+        """``sluice serve`` from the checkout at ``root``; ``name`` keeps two apart."""
+        catalogue = self.work / name / "catalogue"
         write_catalogue(catalogue, self.key, {"sales": TOPIC})
+        # made here too: a checkout from before 2026-11-26 does not make it for one process
+        (self.work / name / "prom").mkdir(parents=True, exist_ok=True)
         port = free_port()
-        service = start("gateway", ["-m", "gateway", "serve"], {
+        service = start(name, ["-m", "gateway", "serve"], {
             "SLUICE_HOST": "127.0.0.1", "SLUICE_PORT": str(port),
             "SLUICE_PROCESSES": str(self.args.processes),
             "SLUICE_CATALOGUE_DIR": str(catalogue), "REDIS_URL": self.redis.url,
             "KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
             "KAFKA_LINGER_MS": str(self.linger_ms), "SLUICE_LOG_LEVEL": "WARNING",
-            "PROMETHEUS_MULTIPROC_DIR": str(self.work / "prom"),
-        }, self.logs)
+            "PROMETHEUS_MULTIPROC_DIR": str(self.work / name / "prom"),
+        }, self.logs, root)
         wait_http(service, f"http://127.0.0.1:{port}/readyz")
         return service, f"http://127.0.0.1:{port}{PATH}"
 
@@ -219,6 +223,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["latency_at_half_max"] = {"rate_requests_per_s": round(half),
                                              **bench.load(service, url, "array100", rate=half)}
             _progress("gateway paced", "array100", report["latency_at_half_max"])
+        if args.cpu_at_rates and "array100" in args.scenarios:
+            report["cpu_at_rates"] = [cpu_at_rate(bench, services, rate)
+                                      for rate in args.cpu_at_rates]
         for service, _ in services.values():
             service.stop()
         services.clear()
@@ -243,6 +250,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def cpu_at_rate(bench: Bench, services: dict[str, tuple[Service, str]], rate: float
+                ) -> dict[str, Any]:
+    """CPU per request of the gateway and the relay (and of the broker and Redis beside
+    them) at a constant rate of ``array100`` requests: what a request costs below full load,
+    where nothing is batched."""
+    entry: dict[str, Any] = {"rate_requests_per_s": rate}
+    for kind in ("gateway", "relay"):
+        if kind not in services:
+            continue
+        service, url = services[kind]
+        r = bench.load(service, url, "array100", rate=rate, auth=kind == "gateway")
+        served = max(r["requests_per_s"] * bench.args.seconds, 1)
+        entry[kind] = {
+            "cpu_us_per_request": {name: round(seconds / served * 1e6)
+                                   for name, seconds in r["cpu_s"].items()
+                                   if ":" not in name and name != "wrk"},
+            "requests_per_s": r["requests_per_s"], "p99_ms": r["p99_ms"], "errors": r["errors"]}
+    cpu = {kind: entry[kind]["cpu_us_per_request"] for kind in ("gateway", "relay")
+           if kind in entry}
+    print(f"  cpu at {rate:,.0f} req/s: "
+          + "; ".join(f"{kind} {c.get(kind, 0):,} us/request (broker {c.get('broker', 0):,}, "
+                      f"redis {c.get('redis', 0):,})" for kind, c in cpu.items()), flush=True)
+    return entry
 
 
 def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -293,6 +325,12 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"{scenario:<11} ratio_to_ceiling (relay) "
                      f"{report['ratio_to_ceiling'].get(scenario, '-')}, "
                      f"ratio_to_http (bare) {report['ratio_to_http'].get(scenario, '-')}")
+    for entry in report.get("cpu_at_rates", []):
+        lines.append(f"cpu per request at {entry['rate_requests_per_s']:,.0f} req/s (us; "
+                     "server, broker, redis): " + "; ".join(
+                         f"{kind} {c[kind]:,}, {c.get('broker', 0):,}, {c.get('redis', 0):,}"
+                         for kind in ("gateway", "relay") if kind in entry
+                         for c in [entry[kind]["cpu_us_per_request"]]))
     for store, d in report.get("drain", {}).items():
         lines.append(f"drain {store:<19} {d['events_per_s']:>9,} events/s; {d['events']:,} events "
                      f"in {d['seconds']:.1f} s from worker start "
@@ -323,6 +361,9 @@ def main() -> None:
     parser.add_argument("--targets", nargs="*", default=["bare", "relay", "raw"],
                         choices=["bare", "relay", "raw"],
                         help="references measured beside the gateway (all, for the record)")
+    parser.add_argument("--cpu-at-rates", nargs="*", type=float, default=[250.0, 1000.0],
+                        help="constant rates (array100 requests/s) at which to measure CPU "
+                             "per request of the gateway and the relay (none: skip)")
     parser.add_argument("--skip-drain", action="store_true")
     parser.add_argument("--drain-events", type=int, default=1_000_000)
     parser.add_argument("--no-save", action="store_true", help="print only")
