@@ -15,6 +15,8 @@ def prepare_multiprocess(name: str, processes: int) -> None:
     there whenever it is set, and fails at start-up if it does not exist), else a temporary
     one when there are several processes."""
     directory = os.environ.get(MULTIPROC_ENV)
+    if directory == "":  # set but empty: prometheus-client would write into the current directory
+        del os.environ[MULTIPROC_ENV]
     if directory:
         shutil.rmtree(directory, ignore_errors=True)  # stale files would add old counts
         os.makedirs(directory, exist_ok=True)

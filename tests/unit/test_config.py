@@ -1,8 +1,11 @@
 """Settings from the environment: defaults and a clear message for each bad value."""
 
+import os
+
 import pytest
 
 from gateway.config import VARIABLES, ConfigError, Settings, markdown_table
+from schemas.metrics_export import MULTIPROC_ENV, prepare_multiprocess
 from schemas.redis_client import SentinelUrl, sentinel_url
 
 
@@ -68,3 +71,17 @@ def test_readme_documents_every_variable():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [name for name in {**VARIABLES, **WORKER_VARIABLES} if f"| `{name}` |" not in readme]
     assert not missing, f"README's configuration tables lack {missing}"
+
+
+def test_an_empty_metrics_directory_setting_is_dropped_before_prometheus_reads_it(monkeypatch):
+    """prometheus-client takes an empty PROMETHEUS_MULTIPROC_DIR as the current directory."""
+    monkeypatch.setenv(MULTIPROC_ENV, "")
+    prepare_multiprocess("gateway", 1)
+    assert MULTIPROC_ENV not in os.environ
+
+
+def test_a_metrics_directory_is_made_for_one_process_too(monkeypatch, tmp_path):
+    directory = tmp_path / "a" / "b"
+    monkeypatch.setenv(MULTIPROC_ENV, str(directory))
+    prepare_multiprocess("gateway", 1)
+    assert directory.is_dir()
