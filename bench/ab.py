@@ -24,7 +24,7 @@ from typing import Any
 
 from bench import load
 from bench.procs import ROOT
-from bench.run import SCENARIOS, SETTLE_TRIES, Bench
+from bench.run import SCENARIOS, Bench
 
 TREES = ROOT / "var" / "ab"
 
@@ -68,17 +68,6 @@ def round_of(bench: Bench, targets: list[tuple[Any, str]], scenario: str,
     return out
 
 
-def settle(bench: Bench, targets: list[tuple[Any, str]], scenario: str) -> None:
-    """Until both answer without errors (their producers reconnect to a new broker)."""
-    body, _, gz = bench.bodies[scenario]
-    for service, url in targets:
-        for _ in range(SETTLE_TRIES):
-            if load.run(url, body, seconds=1, key=bench.key, gzip=gz).errors == 0:
-                break
-        else:
-            raise SystemExit(f"{service.name} answers errors; see {service.log}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("old")
@@ -99,7 +88,9 @@ def main() -> None:
         for number in range(args.rounds):
             if number % 2 == 0:
                 bench.fresh_broker()  # an empty broker, as `make bench` measures
-                settle(bench, services, args.scenario)
+                for service, url in services:
+                    bench.settle(service, url, args.scenario, key=bench.key,
+                                 gzip=bench.bodies[args.scenario][2])
             (old_rps, old_cpu), (new_rps, new_cpu) = round_of(bench, services, args.scenario,
                                                               args.seconds)
             ratios.append(new_rps / old_rps)

@@ -129,18 +129,23 @@ class Bench:
         self.infra["broker"] = self.kafka.proc.pid
         self.create_topics()
 
+    def settle(self, service: Service, url: str, scenario: str, **options: Any) -> None:
+        """Until ``service`` answers a second of load without errors: its producers reconnect
+        to a new broker."""
+        body = self.bodies[scenario][0]
+        for _ in range(SETTLE_TRIES):
+            if load.run(url, body, seconds=1, **options).errors == 0:
+                return
+        raise RuntimeError(f"{service.name} answers errors after a broker restart; "
+                           f"see {service.log}")
+
     def load(self, service: Service, url: str, scenario: str, *, rate: float | None = None,
              auth: bool = True, broker: bool = True) -> dict[str, Any]:
         body, count, gz = self.bodies[scenario]
         options = {"key": self.key if auth else None, "gzip": gz, "idempotency": auth}
         if broker:
             self.fresh_broker()
-        for _ in range(SETTLE_TRIES):  # the producers reconnect to the new broker
-            if load.run(url, body, seconds=1, **options).errors == 0:
-                break
-        else:
-            raise RuntimeError(f"{service.name} answers errors after a broker restart; "
-                               f"see {service.log}")
+        self.settle(service, url, scenario, **options)
         if rate is None:
             load.run(url, body, seconds=WARMUP_S, **options)
         cpu_before = self._cpu(service)

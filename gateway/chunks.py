@@ -37,9 +37,8 @@ def chunk_step(sessions: Sessions, publisher: Publisher, max_reported: int,
                                         raw_value(body, req.mime, verdict.invalid))
             counts = (len(items), len(verdict.valid), verdict.invalid)
         finally:
-            counted_as = (f"{req.principal.key_id}\0{req.idempotency_key}"
-                          if req.idempotency_key is not None else None)
-            await sessions.leave(session_id, token, counts, counted_as)
+            await sessions.leave(session_id, token, counts, req.principal.key_id,
+                                 req.idempotency_key)
         body = orjson.dumps(answer(session_id, req, items, verdict))
         return Answer(201, body, headers, accepted=len(verdict.valid), rejected=verdict.invalid,
                       errors=[e.as_dict() for e in verdict.errors])

@@ -12,7 +12,7 @@ The batches go out on one connection of the batcher's own, packed and read with 
 connection API, not as a redis-py Pipeline: a Pipeline's execute costs about 75 us of Python
 beyond the round trip itself (its pool checkout and return, retry wrapper, observability and
 event hooks), several times what the batch's own work costs. A broken connection is retried
-once on a new one, as schemas.redis_client configures the client for every other call.
+on a new one by the client's own retry policy (schemas.redis_client: once).
 
 A Coalescer goes further for calls that one script can serve together: the calls of one turn
 of the loop that share a group (on Redis Cluster: keys with the same hash tag) become one
@@ -28,9 +28,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class Script:
@@ -119,10 +117,10 @@ class ScriptBatcher:
             conn = self._conn = await self._redis.connection_pool.get_connection()
         packed = conn.pack_commands([("EVALSHA", script.sha, len(keys), *keys, *args)
                                      for script, keys, args, _ in batch])
-        try:
-            return await _round_trip(conn, packed, len(batch))
-        except (RedisConnectionError, RedisTimeoutError):
-            return await _round_trip(conn, packed, len(batch))  # reconnected: once more
+        # the client's retry policy (schemas.redis_client): a failed round trip has
+        # disconnected, so the retry sends on a new connection
+        return await conn.retry.call_with_retry(
+            lambda: _round_trip(conn, packed, len(batch)), _disconnected)
 
     async def close(self) -> None:
         """Send what waits, wait for every call, and give the connection back."""
@@ -133,6 +131,10 @@ class ScriptBatcher:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await self._redis.connection_pool.release(conn)
+
+
+async def _disconnected(_error: Exception) -> None:
+    """_round_trip has already dropped the connection."""
 
 
 async def _round_trip(conn: AbstractConnection, packed: list[bytes], replies: int) -> list[Any]:

@@ -404,13 +404,13 @@ class Sessions:
         raise SessionNotFound(f"no ingestion session {session_id!r}")
 
     async def leave(self, session_id: str, token: str, counts: tuple[int, int, int] | None,
-                    idempotency_key: str | None = None) -> None:
+                    key_id: str, idempotency_key: str | None) -> None:
         """Drop the chunk's claim, adding its counts if it was published (once per
-        ``idempotency_key``, a pair of the ingest key's id and the chunk's Idempotency-Key).
-        Never raises: the records may be durable already; a claim left behind lapses on its
-        own."""
+        Idempotency-Key of the ingest key ``key_id``). Never raises: the records may be
+        durable already; a claim left behind lapses on its own."""
         args = [token, 0, 0, 0, 0] if counts is None else [token, 1, *counts]
-        args += [idempotency_key or "", self._retention_ms]
+        counted_as = f"{key_id}\0{idempotency_key}" if idempotency_key is not None else ""
+        args += [counted_as, self._retention_ms]
         keys = [*_keys(session_id)[:3], k.session_counted_key(session_id)]
         try:
             await self._end(keys=keys, args=args)

@@ -31,6 +31,9 @@ def _process_id() -> int:
 
 os.register_at_fork(after_in_child=_forked)
 
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)
+
 _children: dict[tuple, object] = {}
 
 
@@ -43,8 +46,7 @@ def child(metric, *labels: str):
     if found is None:
         found = _children[key] = metric.labels(*labels)
     return found
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)
+
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BYTES = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
