@@ -79,15 +79,43 @@ class Worker:
                 if await self.load_catalogue() and self.consumer is not None:
                     log.info("catalogue changed: consuming %s", sorted(self.structures))
                     self.consumer.subscribe(topics=sorted(self.structures))
-            except (CatalogueError, OSError) as exc:
+            except (CatalogueError, OSError, StorageBusy) as exc:  # tried again next time
                 log.error("catalogue reload failed, keeping the previous one: %s", exc)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await self.sink.start()
-        await self.load_catalogue()
-        await self.dlq.start()
+        watcher: asyncio.Task | None = None
+        try:
+            await self._start()
+            watcher = asyncio.create_task(self._watch_catalogue())
+            log.info("worker consuming %s into %s", sorted(self.structures),
+                     self.settings.storage_url.split("@")[-1])
+            while not self.stopping.is_set():
+                batch = await self._poll()
+                if batch:
+                    await self._handle(batch)
+        except _Abandoned as exc:
+            if exc.batch:
+                log.warning("stopping with a batch of %d records not committed (%s): the "
+                            "group delivers it again", len(exc.batch), exc.reason)
+            else:
+                log.warning("stopping before the worker had started (%s)", exc.reason)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if self.consumer is not None:
+                await self.consumer.stop()  # leaves the group
+            await self.dlq.stop()
+            await self.sink.close()
+            await self.redis.aclose()
+
+    async def _start(self) -> None:
+        """Storage, catalogue, dead-letter producer and consumer, each step retried while its
+        service is away: a worker may start before them, or during a failover."""
+        await self._retried([], self.sink.start)
+        await self._retried([], self.load_catalogue)
+        await self._retried([], self.dlq.start)
         self.consumer = AIOKafkaConsumer(
             *sorted(self.structures),
             bootstrap_servers=self.settings.kafka_bootstrap,
@@ -102,24 +130,7 @@ class Worker:
             fetch_max_bytes=self.settings.batch_max_bytes,
             max_partition_fetch_bytes=min(self.settings.batch_max_bytes, 1024 * 1024),
         )
-        await self.consumer.start()
-        watcher = asyncio.create_task(self._watch_catalogue())
-        log.info("worker consuming %s into %s", sorted(self.structures),
-                 self.settings.storage_url.split("@")[-1])
-        try:
-            while not self.stopping.is_set():
-                batch = await self._poll()
-                if batch:
-                    await self._handle(batch)
-        except _Abandoned as exc:
-            log.warning("stopping with a batch of %d records not committed (%s): the group "
-                        "delivers it again", len(exc.batch), exc.reason)
-        finally:
-            watcher.cancel()
-            await self.consumer.stop()  # leaves the group
-            await self.dlq.stop()
-            await self.sink.close()
-            await self.redis.aclose()
+        await self._retried([], self.consumer.start)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -157,9 +168,9 @@ class Worker:
 
     async def _retried(self, batch: list, step: Callable[..., Awaitable[Any]],
                        *args: Any) -> Any:
-        """``step(*args)``, a step of ``batch``, again after each transient failure, until it
-        succeeds or the worker is told to stop (then the batch is abandoned uncommitted:
-        _Abandoned)."""
+        """``step(*args)``, a step of ``batch`` (empty: of the worker's start), again after each
+        transient failure, until it succeeds or the worker is told to stop (then the batch is
+        abandoned uncommitted: _Abandoned)."""
         delay = 0.2
         while True:
             try:
@@ -172,8 +183,9 @@ class Worker:
                 if self.stopping.is_set():
                     raise _Abandoned(batch, reason) from exc
                 metrics.BATCH_RETRIES.labels(type(exc).__name__).inc()
-                log.warning("batch of %d records failed (%s); retrying in %.1f s",
-                            len(batch), reason, delay)
+                log.warning("%s failed (%s); retrying in %.1f s",
+                            f"batch of {len(batch)} records" if batch else "start", reason,
+                            delay)
                 # an outage may last: no garbage piles up meanwhile; stop() wakes it early
                 with _collector_on(), contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), delay)
@@ -246,7 +258,8 @@ class Worker:
 
 class _Abandoned(Exception):
     """The worker was told to stop while a step of ``batch`` kept failing: nothing of it is
-    committed, so the group delivers it again (storage keeps it exactly once)."""
+    committed, so the group delivers it again (storage keeps it exactly once). An empty
+    batch: a step of the worker's start."""
 
     def __init__(self, batch: list, reason: str):
         super().__init__(reason)

@@ -83,8 +83,10 @@ class Workers:
         return codes
 
     def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-2000:]
-                         for p in sorted(self.logs.glob("worker-*.log")))
+        """The workers' logs: any with a traceback first and longer, then the others' ends."""
+        texts = [p.read_text(errors="replace") for p in sorted(self.logs.glob("worker-*.log"))]
+        failed = [t[-8000:] for t in texts if "Traceback" in t]
+        return "\n".join(failed + [t[-1500:] for t in texts if "Traceback" not in t])
 
 
 async def _committed(bootstrap: str, topic: str, group: str) -> dict[int, int]:

@@ -4,7 +4,9 @@ INSERT ... ON CONFLICT."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import asyncpg
@@ -139,18 +141,39 @@ class PostgresSink:
         self._sql: dict[str, tuple[str | None, list[str]]] = {}
 
     async def start(self) -> None:
-        self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4,
-                                               init=_init_connection)
+        try:
+            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4,
+                                                   init=_init_connection)
+        except _BUSY as exc:
+            raise StorageBusy(f"{type(exc).__name__}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection in a transaction. A transient refusal or a connection lost on
+        the way (failover, restart, terminated backend) raises StorageBusy: the transaction
+        did not commit, or (lost during COMMIT) its writes are idempotent to retry."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield conn
+        except _BUSY as exc:
+            raise StorageBusy(f"{type(exc).__name__}: {exc}") from exc
+        except asyncpg.InterfaceError as exc:
+            # A connection lost inside the block: asyncpg's Transaction.__aexit__ finds it
+            # closed and raises InterfaceError in place of the loss, which is its context.
+            lost = exc.__context__
+            if isinstance(lost, _BUSY):
+                raise StorageBusy(f"{type(lost).__name__}: {lost}") from exc
+            raise
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
 
     async def prepare(self, structure: Structure) -> None:
-        assert self._pool is not None
         table = structure.dataset.id
         columns = table_columns(structure)
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             # one preparer at a time across worker processes
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", table)
             rows = await conn.fetch(
@@ -197,18 +220,11 @@ class PostgresSink:
                 "SELECT _request_id, count(*) AS n FROM merged GROUP BY _request_id")
 
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
-        try:
-            return await self._write(structure, rows)
-        except _BUSY as exc:
-            raise StorageBusy(f"{type(exc).__name__}: {exc}") from exc
-
-    async def _write(self, structure: Structure, rows: list[Row]) -> WriteResult:
-        assert self._pool is not None
         table = structure.dataset.id
         sql, names = self._sql[table]
         if not rows:
             return WriteResult()
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._transaction() as conn:
             if sql is None:
                 return WriteResult(await _append(conn, table, names, rows))
             await conn.execute(f"CREATE TEMP TABLE {_STAGE} (LIKE {quote(table)}) "
