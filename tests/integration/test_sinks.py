@@ -355,6 +355,8 @@ async def test_a_store_refusal_that_passes_is_storage_busy(sink, storage_url):
         try:
             with pytest.raises(StorageBusy, match="locked"):
                 await sink.write(s, [row(s, {"region": "x"}, origin(0))])
+            with pytest.raises(StorageBusy, match="locked"):  # a new table, at a worker's start
+                await sink.prepare(structure(id="other"))
         finally:
             blocker.rollback()
             blocker.close()

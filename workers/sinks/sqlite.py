@@ -88,7 +88,15 @@ class SqliteSink:
         _register_adapters()
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """``fn(*args)`` on the sink's thread. Another writer holding the file past the busy
+        timeout (nothing of ``fn`` committed) raises StorageBusy, which the worker retries."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as exc:
+            # extended codes keep the primary code in their low byte
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise StorageBusy(str(exc)) from exc
+            raise
 
     async def start(self) -> None:
         def connect() -> sqlite3.Connection:
@@ -161,14 +169,7 @@ class SqliteSink:
                 f"WHERE ({newer}) > ({current})")
 
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
-        try:
-            return await self._run(self._write, structure, rows)
-        except sqlite3.OperationalError as exc:
-            # another writer held the file past the busy timeout (extended codes keep the
-            # primary code in their low byte)
-            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise StorageBusy(str(exc)) from exc
-            raise
+        return await self._run(self._write, structure, rows)
 
     def _write(self, structure: Structure, rows: list[Row]) -> WriteResult:
         assert self._conn is not None
