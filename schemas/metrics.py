@@ -96,8 +96,9 @@ BATCH_DURATION = Histogram(
 WRITE_DURATION = Histogram(
     "sluice_worker_storage_write_duration_seconds", "Time of one storage transaction",
     ["dataset"], buckets=_LATENCY)
-BATCH_RETRIES = Counter(
-    "sluice_worker_batch_retries_total", "Batches retried after a transient failure", ["reason"])
+BATCH_RETRIES = Counter(  # reason: the error's type; a step of the worker's start counts too
+    "sluice_worker_batch_retries_total",
+    "Steps of a batch, or of the worker's start, retried after a transient failure", ["reason"])
 CONSUMER_LAG = Gauge(
     "sluice_worker_consumer_lag", "Records in the partition not yet committed by the group",
     ["topic", "partition"], multiprocess_mode="mostrecent")
