@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from bench import bodies, load
+from bench import bodies, load, redis_cpu
 from bench.catalogue import write_catalogue
 from bench.drain import drain
 from bench.kafka import produce
@@ -249,6 +249,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     args.drain_events, args.processes)
             report["drain_events_per_s"] = {store: d["events_per_s"]
                                             for store, d in report["drain"].items()}
+        report["redis_cpu_us_per_request"] = redis_cpu.run()
+        print(f"  redis cpu      {report['redis_cpu_us_per_request']['total']} us per request",
+              flush=True)
     finally:
         for service, _ in services.values():
             service.stop()
@@ -340,6 +343,9 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"drain {store:<19} {d['events_per_s']:>9,} events/s; {d['events']:,} events "
                      f"in {d['seconds']:.1f} s from worker start "
                      f"({d['steady_seconds']:.1f} s after the first commit)")
+    if "redis_cpu_us_per_request" in report:
+        lines += ["Redis CPU per request (bench.redis_cpu):",
+                  *redis_cpu.lines(report["redis_cpu_us_per_request"])]
     return "\n".join(lines)
 
 

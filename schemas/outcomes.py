@@ -77,24 +77,18 @@ def connector_log_key(connector: str) -> str:
 # and error lists are deleted (left to their TTL, a busy connector's would pile up in Redis:
 # 7 days at 5,000 requests/s is 3 billion hashes).
 # KEYS: the connector's log, then each entry's request hash (in ARGV[4]'s order).
-# ARGV: ttl ms, entries kept, oldest score kept, JSON [[score, request_id, {field: value}]],
-# the request hash prefix (request_key(connector, '')).
+# ARGV: ttl ms, entries kept, oldest score kept, JSON [[score, request_id, [field, value, ...]]]
+# (values as strings), the request hash prefix (request_key(connector, '')).
 # A worker may have counted a request before its entry is written (REQUESTS_SCRIPT); the
 # entry's TTL then replaces the short one the worker gave its hash and error list.
 # The deleted keys are not in KEYS, but share the log's hash tag: same slot on Redis Cluster.
-# Integral JSON numbers are written as integers (Lua would print large ones as 1.7e+12).
+# The score is written as an integer (Lua would print a large one as 1.7e+12).
 LOG_SCRIPT = """
 local ttl = ARGV[1]
 local entries = cjson.decode(ARGV[4])
 for i, entry in ipairs(entries) do
   local key = KEYS[i + 1]
-  local fields = {}
-  for name, value in pairs(entry[3]) do
-    if type(value) == 'number' then value = string.format('%d', value) end
-    fields[#fields + 1] = name
-    fields[#fields + 1] = value
-  end
-  redis.call('HSET', key, unpack(fields))
+  redis.call('HSET', key, unpack(entry[3]))
   redis.call('PEXPIRE', key, ttl)
   redis.call('PEXPIRE', key .. ':errors', ttl)
   redis.call('ZADD', KEYS[1], string.format('%d', entry[1]), entry[2])
