@@ -71,6 +71,10 @@ _BUSY = (asyncpg.TransactionRollbackError, asyncpg.PostgresConnectionError,
          asyncpg.ConnectionDoesNotExistError, asyncpg.OperatorInterventionError)
 
 
+def _busy(exc: Exception) -> StorageBusy:
+    return StorageBusy(f"{type(exc).__name__}: {exc}")
+
+
 def pg_type(kind: str) -> str:
     return _TYPES[kind]
 
@@ -145,7 +149,7 @@ class PostgresSink:
             self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4,
                                                    init=_init_connection)
         except _BUSY as exc:
-            raise StorageBusy(f"{type(exc).__name__}: {exc}") from exc
+            raise _busy(exc) from exc
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
@@ -157,13 +161,12 @@ class PostgresSink:
             async with self._pool.acquire() as conn, conn.transaction():
                 yield conn
         except _BUSY as exc:
-            raise StorageBusy(f"{type(exc).__name__}: {exc}") from exc
+            raise _busy(exc) from exc
         except asyncpg.InterfaceError as exc:
             # A connection lost inside the block: asyncpg's Transaction.__aexit__ finds it
             # closed and raises InterfaceError in place of the loss, which is its context.
-            lost = exc.__context__
-            if isinstance(lost, _BUSY):
-                raise StorageBusy(f"{type(lost).__name__}: {lost}") from exc
+            if isinstance(exc.__context__, _BUSY):
+                raise _busy(exc.__context__) from exc
             raise
 
     async def close(self) -> None:
