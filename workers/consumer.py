@@ -79,7 +79,9 @@ class Worker:
                 if await self.load_catalogue() and self.consumer is not None:
                     log.info("catalogue changed: consuming %s", sorted(self.structures))
                     self.consumer.subscribe(topics=sorted(self.structures))
-            except (CatalogueError, OSError, StorageBusy) as exc:  # tried again next time
+            except (CatalogueError, OSError, StorageBusy, StorageSchemaError) as exc:
+                # tried again at the next reload; a column type conflict (StorageSchemaError)
+                # stops a worker only at start, where it cannot run with an older catalogue
                 log.error("catalogue reload failed, keeping the previous one: %s", exc)
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 import pytest
+import yaml
 
 from schemas import records as r
 from tests.integration.test_push import ITEMS
@@ -329,6 +330,42 @@ async def test_read_apis_need_a_key_for_the_dataset(gateway):
     resp = await gateway.client.get("/v1/connectors/pos/logs?size=0",
                                     headers={"Authorization": f"Bearer {gateway.key}"})
     assert resp.status == 400
+
+
+async def test_a_reload_that_would_change_a_column_type_keeps_the_catalogue_it_has(
+        gateway, tmp_path, caplog):
+    """A schema edit that would change a stored column's type cannot be applied live: each
+    reload logs it and the worker keeps storing with the catalogue it has; once the edit is
+    undone (or the column migrated), later changes are picked up again. (The reload task used
+    to die on it, silently, and no later change was ever picked up.)"""
+    storage = f"sqlite:///{tmp_path}/conflict.db"
+    sales = gateway.settings.catalogue_dir / "sales.yaml"
+    original = sales.read_text()
+    body = orjson.dumps([{"region": f"conflict-{j}", "revenue": j} for j in range(5)])
+    assert (await gateway.post(body)).status == 202
+    async with Running(gateway, storage, WORKER_CATALOGUE_RELOAD_S="0.5") as running:
+        await wait_for(lambda: _equals(count(storage), 5))
+        edited = yaml.safe_load(original)
+        edited["schema"]["properties"]["revenue"] = {"type": "string"}  # was a number
+        sales.write_text(yaml.safe_dump(edited))
+        await wait_for(lambda: _logged(caplog, "revenue"))
+        body = orjson.dumps([{"region": f"still-{j}", "revenue": j} for j in range(5)])
+        assert (await gateway.post(body)).status == 202
+        await wait_for(lambda: _equals(count(storage), 10))  # the previous catalogue, still
+        sales.write_text(original)
+        topic = f"ingest.fresh.{uuid.uuid4().hex[:8]}"
+        await create_topics(gateway.bootstrap, [topic], partitions=1)
+        (gateway.settings.catalogue_dir / "fresh.yaml").write_text(
+            f"id: fresh\nentry_topic: {topic}\nschema: {{type: object}}\n")
+        await produce(gateway.bootstrap, topic, b'[{"n": 1}]')
+        await wait_for(lambda: _equals(count(storage, "fresh"), 1), timeout=30)
+        assert not running.task.done()
+    running.task.result()
+
+
+async def _logged(caplog, text: str) -> bool:
+    return any("catalogue reload failed" in r.getMessage() and text in r.getMessage()
+               for r in caplog.records)
 
 
 async def test_a_new_dataset_is_consumed_without_a_restart(gateway, tmp_path):
