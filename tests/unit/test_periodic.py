@@ -62,3 +62,23 @@ async def test_stop_lets_the_step_in_progress_finish_within_the_grace():
     await asyncio.sleep(0.01)  # inside the first step, run at start
     await periodic.stop(grace=1)
     assert finished == [True]
+
+
+async def test_a_step_that_raises_is_logged_and_runs_again(caplog):
+    calls: list[int] = []
+
+    async def step() -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise ValueError("broken once")
+
+    periodic = Periodic(step, 0.01, at_start=True)
+    periodic.start()
+    for _ in range(100):
+        if len(calls) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    await periodic.stop()
+    assert len(calls) >= 3  # the loop outlived the failure
+    failures = [r for r in caplog.records if "failed; it runs again" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info[0] is ValueError
