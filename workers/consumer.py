@@ -83,6 +83,8 @@ class Worker:
                 # tried again at the next reload; a column type conflict (StorageSchemaError)
                 # stops a worker only at start, where it cannot run with an older catalogue
                 log.error("catalogue reload failed, keeping the previous one: %s", exc)
+            except Exception:  # anything else too: the reloads must outlive a broken one
+                log.exception("catalogue reload failed, keeping the previous one")
 
     # -- lifecycle ---------------------------------------------------------------------------
 

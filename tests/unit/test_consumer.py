@@ -160,3 +160,29 @@ async def test_a_stop_during_retries_abandons_the_batch_uncommitted():
     with pytest.raises(_Abandoned):
         await asyncio.wait_for(handling, 2)  # woken from its back-off, tried once more
     assert loop.committed == [] and loop.accounted == []
+
+
+async def test_catalogue_reloads_outlive_a_reload_that_fails_unexpectedly(caplog):
+    """The reload loop runs beside the batch loop: if it died, no catalogue change would be
+    picked up again, without a sign. A failure of a kind nobody planned for is logged with
+    its traceback and the next reload runs."""
+    from types import SimpleNamespace
+
+    worker = _BatchLoop(_FlakySink())
+    worker.settings = SimpleNamespace(reload_s=0.01)
+    worker.consumer = None
+    reloads: list[int] = []
+
+    async def load_catalogue() -> bool:
+        reloads.append(len(reloads))
+        if len(reloads) == 1:
+            raise RuntimeError("unplanned")
+        if len(reloads) == 3:
+            worker.stop()
+        return False
+
+    worker.load_catalogue = load_catalogue
+    await asyncio.wait_for(worker._watch_catalogue(), 5)
+    assert len(reloads) == 3
+    failed = [r for r in caplog.records if "catalogue reload failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info[0] is RuntimeError
