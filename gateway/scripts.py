@@ -102,6 +102,11 @@ class ScriptBatcher:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        except Exception as exc:  # a bug: each caller gets it (a 500), none waits for ever
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
         for (*_, future), result in zip(batch, results, strict=True):
             if future.done():  # the caller gave up (cancelled)
                 continue

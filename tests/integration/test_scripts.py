@@ -79,6 +79,26 @@ async def test_an_error_reaches_only_its_caller(redis):
     assert isinstance(bad, ResponseError) and "NOPE x" in str(bad)
 
 
+async def test_an_unplanned_failure_reaches_every_caller_of_its_batch(redis):
+    """Not only Redis errors: whatever breaks a batch fails its callers (a bug: a 500)
+    instead of leaving them waiting for ever; the next batch goes out as usual."""
+
+    class Broken(ScriptBatcher):
+        broken = True
+
+        async def _execute(self, batch):
+            if self.broken:
+                self.broken = False
+                raise IndexError("a reply that does not parse")
+            return await super()._execute(batch)
+
+    count = Broken(redis).register(COUNT)
+    results = await asyncio.wait_for(asyncio.gather(
+        *(count(["u"], [1]) for _ in range(3)), return_exceptions=True), 5)
+    assert all(isinstance(r, IndexError) for r in results), results
+    assert await count(["u"], [1]) == 1  # nothing of the broken batch ran
+
+
 async def test_redis_down_fails_every_caller(own_redis):
     server = own_redis()
     client = redis_client.connect(server.url, 0.5)
