@@ -29,6 +29,9 @@ H_SOURCE_TOPIC = "sluice-source-topic"
 H_SOURCE_PARTITION = "sluice-source-partition"
 H_SOURCE_OFFSET = "sluice-source-offset"
 H_SOURCE_INDEX = "sluice-source-index"  # the event's position in the record's array
+# The value's size in bytes, when the value was too large to dead-letter and was left out
+# (it stays in the source record, at the source coordinates)
+H_VALUE_OMITTED = "sluice-value-omitted"
 DLQ_SUFFIX = ".dlq"
 
 CONTENT_TYPE_JSON = b"application/json"

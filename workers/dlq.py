@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
 
 from schemas import records as r
 from workers.decode import DeadLetter
@@ -27,22 +28,41 @@ class DeadLetters:
         await self._producer.stop()
 
     async def send(self, letters: list[DeadLetter]) -> None:
-        """Publish every letter and wait for all acknowledgements."""
+        """Publish every letter and wait for all acknowledgements.
+
+        A letter too large for a record (a source record near the size limit, plus the
+        error headers) goes without its value instead: retried as it is, it would fail for
+        ever and hold up its partition. Its headers say so, and where the value still is."""
         if not letters:
             return
-        futures = []
-        for letter in letters:
-            rec = letter.record
-            headers = [h for h in (rec.headers or ()) if not h[0].startswith("sluice-error")]
-            headers += [
-                (r.H_ERROR_CODE, letter.code.encode()),
-                (r.H_ERROR, letter.error.encode()[:4000]),
-                (r.H_SOURCE_TOPIC, rec.topic.encode()),
-                (r.H_SOURCE_PARTITION, str(rec.partition).encode()),
-                (r.H_SOURCE_OFFSET, str(rec.offset).encode()),
-            ]
-            if letter.index is not None:
-                headers.append((r.H_SOURCE_INDEX, str(letter.index).encode()))
-            futures.append(await self._producer.send(r.dlq_topic(rec.topic), letter.value,
-                                                     headers=headers))
-        await asyncio.gather(*futures)
+        futures = [await self._send(letter) for letter in letters]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        too_large = [letter for letter, result in zip(letters, results, strict=True)
+                     if isinstance(result, MessageSizeTooLargeError)]
+        failed = [r for r in results
+                  if isinstance(r, BaseException) and not isinstance(r, MessageSizeTooLargeError)]
+        if failed:
+            raise failed[0]
+        for letter in too_large:  # the broker refused them (its limit may be below ours)
+            await (await self._send(letter, with_value=False))
+
+    async def _send(self, letter: DeadLetter, with_value: bool = True) -> asyncio.Future:
+        rec = letter.record
+        headers = [h for h in (rec.headers or ()) if not h[0].startswith("sluice-error")]
+        headers += [
+            (r.H_ERROR_CODE, letter.code.encode()),
+            (r.H_ERROR, letter.error.encode()[:4000]),
+            (r.H_SOURCE_TOPIC, rec.topic.encode()),
+            (r.H_SOURCE_PARTITION, str(rec.partition).encode()),
+            (r.H_SOURCE_OFFSET, str(rec.offset).encode()),
+        ]
+        if letter.index is not None:
+            headers.append((r.H_SOURCE_INDEX, str(letter.index).encode()))
+        topic = r.dlq_topic(rec.topic)
+        if with_value:
+            try:
+                return await self._producer.send(topic, letter.value, headers=headers)
+            except MessageSizeTooLargeError:  # refused before sending: too large for us
+                pass
+        headers.append((r.H_VALUE_OMITTED, str(len(letter.value)).encode()))
+        return await self._producer.send(topic, b"", headers=headers)

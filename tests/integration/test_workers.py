@@ -248,6 +248,30 @@ async def test_unconvertible_record_goes_to_the_dlq_and_the_partition_flows(gate
     assert totals["failed"] == 2 and totals["written"] == 3
 
 
+async def test_a_record_too_large_to_dead_letter_goes_without_its_value(gateway, tmp_path):
+    """A record just under the size limit that cannot be stored: with the error headers its
+    dead letter is over the limit, and retried as it is it would hold up the partition for
+    ever. It goes without its value, which stays at the source coordinates."""
+    storage = f"sqlite:///{tmp_path}/big.db"
+    big = b"{" + b"x" * 1_048_200  # not JSON; the broker takes it, with our headers not
+    await produce(gateway.bootstrap, gateway.topic, big,
+                  [(r.H_REQUEST_ID, b"req-big-" + b"y" * 200)])
+    assert (await gateway.post(orjson.dumps(ITEMS))).status == 202
+    async with Running(gateway, storage) as running:
+        await wait_for(lambda: _equals(count(storage), 2))
+        await wait_for(lambda: _positive(running.worker.batches))  # the partition flows
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(gateway.topic))
+    assert len(dead) == 1
+    headers = dict(dead[0].headers)
+    assert dead[0].value == b""
+    assert headers[r.H_VALUE_OMITTED] == str(len(big)).encode()
+    assert headers[r.H_ERROR_CODE] == b"MALFORMED_JSON"
+    source = await consume_all(gateway.bootstrap, gateway.topic)
+    offset = int(headers[r.H_SOURCE_OFFSET])
+    assert [x.value for x in source
+            if x.offset == offset and x.partition == int(headers[r.H_SOURCE_PARTITION])] == [big]
+
+
 async def test_header_less_kafka_record_is_stored_as_connector_kafka(gateway, storage_url):
     await produce(gateway.bootstrap, gateway.topic, b'{"region": "Kafka", "revenue": "12.5"}')
     async with Running(gateway, storage_url):
