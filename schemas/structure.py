@@ -21,6 +21,7 @@ KINDS = ("text", "integer", "number", "boolean", "timestamp", "date", "json")
 EXTRA_COLUMN = "_extra"  # unknown fields, when the dataset keeps them
 _MAX_IDENTIFIER = 63  # PostgreSQL's limit, the stricter of the two stores
 _INT_RE = re.compile(r"^[+-]?\d+$")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # bigint (PostgreSQL), INTEGER (SQLite)
 _MISSING = object()
 
 
@@ -134,7 +135,7 @@ class Structure:
 # return it unchanged): the compiled shaper skips the call. Timestamps and dates always convert.
 _IDENTITY = {
     "text": "type({v}) is str",
-    "integer": "type({v}) is int",
+    "integer": f"type({{v}}) is int and {INT64_MIN} <= {{v}} <= {INT64_MAX}",
     "number": "type({v}) is float and {v} - {v} == 0.0",  # finite, as to_number requires
     "boolean": "type({v}) is bool",
     "json": "True",
@@ -276,16 +277,19 @@ def to_text(value: Any) -> str:
 
 def to_integer(value: Any) -> int:
     if type(value) is int:
-        return value
-    if isinstance(value, bool):
+        number = value
+    elif isinstance(value, bool):
         raise TypeError("expected an integer, got a boolean")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and _INT_RE.match(value.strip()):
-        return int(value)
-    raise ValueError(f"expected an integer, got {value!r}")
+    elif (isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+          or (isinstance(value, str) and _INT_RE.match(value.strip()))):
+        number = int(value)
+    else:
+        raise ValueError(f"expected an integer, got {value!r}")
+    # the stores' integers are 64-bit: a larger one would fail the whole batch's write, for
+    # ever (JSON Schema's "integer" has no bound, and orjson reads up to 2**64 - 1 exactly)
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise ValueError(f"{value!r} is outside the 64-bit integer range")
+    return number
 
 
 def to_number(value: Any) -> float:

@@ -272,6 +272,27 @@ async def test_a_record_too_large_to_dead_letter_goes_without_its_value(gateway,
             if x.offset == offset and x.partition == int(headers[r.H_SOURCE_PARTITION])] == [big]
 
 
+async def test_an_integer_beyond_64_bits_is_dead_lettered_and_the_partition_flows(
+        gateway, storage_url):
+    """JSON Schema's "integer" has no bound and orjson reads up to 2**64 - 1; the stores keep
+    64 bits. Such an event used to fail its batch's write, which was no transient error:
+    the worker stopped, and its replacement met the same batch."""
+    topic = f"ingest.wide.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    (gateway.settings.catalogue_dir / "wide.yaml").write_text(
+        f"id: wide\nentry_topic: {topic}\nschema: {{type: object, properties: "
+        "{n: {type: integer}}}\n")
+    await produce(gateway.bootstrap, topic, b'[{"n": 9223372036854775808}, {"n": 5}]')
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "wide"), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT n FROM wide") == [(5,)]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    assert [(dict(d.headers)[r.H_ERROR_CODE], d.value) for d in dead] == [
+        (b"SHAPE_FAILED", b'{"n":9223372036854775808}')]
+    running.task.result()
+
+
 async def test_header_less_kafka_record_is_stored_as_connector_kafka(gateway, storage_url):
     await produce(gateway.bootstrap, gateway.topic, b'{"region": "Kafka", "revenue": "12.5"}')
     async with Running(gateway, storage_url):

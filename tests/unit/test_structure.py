@@ -102,6 +102,20 @@ def test_integers_survive_as_text_and_numbers(n):
     assert to_text(n) == str(n)
 
 
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 2**64 - 1, 1.8446744073709552e19,
+                                   "99999999999999999999"])
+def test_integers_beyond_64_bits_are_refused(value):
+    """The stores keep 64-bit integers; a larger one (JSON Schema's "integer" has no bound,
+    orjson reads up to 2**64 - 1) would fail its whole batch's write, again and again. It is
+    refused here, so the event is dead-lettered and the partition flows."""
+    with pytest.raises(ValueError, match="64-bit"):
+        to_integer(value)
+    s = structure()
+    with pytest.raises(ShapeError, match="64-bit"):
+        s.row_values({"id": "a", "n": value})  # the compiled shaper's fast path too
+    assert to_integer(2**63 - 1) == 2**63 - 1 and to_integer(-(2**63)) == -(2**63)
+
+
 @given(st.floats(allow_nan=False, allow_infinity=False))
 def test_finite_floats_round_trip_through_text(x):
     assert to_number(repr(x)) == x
