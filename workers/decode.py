@@ -33,7 +33,10 @@ class Decoded:
 
 def origin_of(record: Any) -> Origin:
     """The record's metadata from its headers; a record without headers is connector 'kafka'."""
-    headers = {k: v.decode("utf-8", "replace") for k, v in (record.headers or ())}
+    # NUL is valid UTF-8 but PostgreSQL keeps none in text: a header (any client's) with one
+    # would fail the batch's write for ever
+    headers = {k: v.decode("utf-8", "replace").replace("\x00", "\ufffd")
+               for k, v in (record.headers or ())}
     received = headers.get(r.H_RECEIVED_AT)
     received_ms = int(received) if received and received.isdigit() else record.timestamp
     part = headers.get(r.H_PART, "0/1").partition("/")[0]
@@ -62,10 +65,36 @@ def decode(record: Any, structure: Structure, out: Decoded) -> tuple[Origin, int
         return base, 1
     shape = structure.row_values
     rows = out.rows
+    # JSON can write NUL only as the escape \u0000, so a record without it has none (one
+    # search of its bytes); PostgreSQL keeps no NUL in text or jsonb, and a row with one
+    # would fail its whole batch's write, for ever: refused here, whatever the store.
+    nul = record.value is not None and b"\\u0000" in record.value
     for index, event in enumerate(events):
         try:
+            if nul and (where := _nul_in(event, "$")) is not None:
+                raise ShapeError(where, "contains the NUL character (\\u0000), which the "
+                                        "stores cannot keep")
             rows.append(Row(shape(event), base, index))
         except ShapeError as exc:
             out.dead.append(DeadLetter(record, orjson.dumps(event), "SHAPE_FAILED", str(exc),
                                        index, base))
     return base, len(events)
+
+
+def _nul_in(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) of ``value`` holding NUL, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return path
+            found = _nul_in(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _nul_in(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None

@@ -293,6 +293,28 @@ async def test_an_integer_beyond_64_bits_is_dead_lettered_and_the_partition_flow
     running.task.result()
 
 
+async def test_the_nul_character_is_dead_lettered_and_the_partition_flows(gateway,
+                                                                          storage_url):
+    """PostgreSQL keeps no NUL in text or jsonb: a row with one failed its batch's write for
+    ever. An event with one is dead-lettered (on either store, alike); in a header, which is
+    metadata, it becomes U+FFFD."""
+    body = b'[{"region": "a\\u0000b", "revenue": 1}, {"region": "ok", "revenue": 2}, ' \
+           b'{"region": "deep", "revenue": 3, "tags": {"k\\u0000": 1}}]'
+    await produce(gateway.bootstrap, gateway.topic, body, [(r.H_REQUEST_ID, b"req\x00nul")])
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT region, _request_id FROM sales") == [
+        ("ok", "req\ufffdnul")]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(gateway.topic))
+    assert sorted((dict(d.headers)[r.H_ERROR].decode(), d.value) for d in dead) == [
+        ("$.region: contains the NUL character (\\u0000), which the stores cannot keep",
+         b'{"region":"a\\u0000b","revenue":1}'),
+        ("$.tags: contains the NUL character (\\u0000), which the stores cannot keep",
+         b'{"region":"deep","revenue":3,"tags":{"k\\u0000":1}}')]
+    running.task.result()
+
+
 async def test_header_less_kafka_record_is_stored_as_connector_kafka(gateway, storage_url):
     await produce(gateway.bootstrap, gateway.topic, b'{"region": "Kafka", "revenue": "12.5"}')
     async with Running(gateway, storage_url):
