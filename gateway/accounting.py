@@ -20,10 +20,10 @@ from redis.exceptions import RedisError
 
 from gateway.errors import ApiError, RateLimited
 from gateway.ingest import Answer
-from gateway.periodic import Periodic
 from schemas import metrics
 from schemas import outcomes as o
 from schemas import windows as w
+from schemas.periodic import Periodic
 
 log = logging.getLogger(__name__)
 

@@ -94,18 +94,16 @@ class ScriptBatcher:
                     await self._redis.script_load(script.text)
                 for i, result in zip(refused, await self._execute(again), strict=True):
                     results[i] = result
-        except (RedisError, OSError, asyncio.CancelledError) as exc:
+        except BaseException as exc:  # every caller learns why; none waits for ever
+            # a lost connection or a cancelled batch is Redis being unavailable to them (503);
+            # anything else unplanned is a bug, theirs to answer with a 500
+            error = (RedisError(str(exc) or type(exc).__name__)
+                     if isinstance(exc, OSError | asyncio.CancelledError) else exc)
             for *_, future in batch:
                 if not future.done():
-                    future.set_exception(exc if isinstance(exc, RedisError)
-                                         else RedisError(str(exc) or type(exc).__name__))
-            if isinstance(exc, asyncio.CancelledError):
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):  # cancelled (or stopping): pass it on
                 raise
-            return
-        except Exception as exc:  # a bug: each caller gets it (a 500), none waits for ever
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
             return
         for (*_, future), result in zip(batch, results, strict=True):
             if future.done():  # the caller gave up (cancelled)

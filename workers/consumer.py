@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from schemas import metrics, redis_client
 from schemas import outcomes as o
 from schemas.catalogue import CatalogueError, definition_files, load_catalogue
+from schemas.periodic import Periodic
 from schemas.structure import Structure
 from workers.accounting import BatchOutcome
 from workers.config import WorkerSettings
@@ -72,27 +73,28 @@ class Worker:
         self._catalogue_stamp = stamp
         return changed
 
-    async def _watch_catalogue(self) -> None:
-        while not self.stopping.is_set():
-            await asyncio.sleep(self.settings.reload_s)
-            try:
-                if await self.load_catalogue() and self.consumer is not None:
-                    log.info("catalogue changed: consuming %s", sorted(self.structures))
-                    self.consumer.subscribe(topics=sorted(self.structures))
-            except (CatalogueError, OSError, StorageBusy, StorageSchemaError) as exc:
-                # tried again at the next reload; a column type conflict (StorageSchemaError)
-                # stops a worker only at start, where it cannot run with an older catalogue
-                log.error("catalogue reload failed, keeping the previous one: %s", exc)
-            except Exception:  # anything else too: the reloads must outlive a broken one
-                log.exception("catalogue reload failed, keeping the previous one")
+    def _catalogue_reloads(self) -> Periodic:
+        return Periodic(self._reload_catalogue, self.settings.reload_s, name="catalogue reload")
+
+    async def _reload_catalogue(self) -> None:
+        """One reload (every WORKER_CATALOGUE_RELOAD_S: _catalogue_reloads, whose Periodic logs
+        anything unplanned and goes on): a changed topic set is subscribed to."""
+        try:
+            if await self.load_catalogue() and self.consumer is not None:
+                log.info("catalogue changed: consuming %s", sorted(self.structures))
+                self.consumer.subscribe(topics=sorted(self.structures))
+        except (CatalogueError, OSError, StorageBusy, StorageSchemaError) as exc:
+            # tried again at the next reload; a column type conflict (StorageSchemaError)
+            # stops a worker only at start, where it cannot run with an older catalogue
+            log.error("catalogue reload failed, keeping the previous one: %s", exc)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        watcher: asyncio.Task | None = None
+        reloads = self._catalogue_reloads()
         try:
             await self._start()
-            watcher = asyncio.create_task(self._watch_catalogue())
+            reloads.start()
             log.info("worker consuming %s into %s", sorted(self.structures),
                      self.settings.storage_url.split("@")[-1])
             while not self.stopping.is_set():
@@ -106,8 +108,7 @@ class Worker:
             else:
                 log.warning("stopping before the worker had started (%s)", exc.reason)
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            await reloads.stop()
             if self.consumer is not None:
                 await self.consumer.stop()  # leaves the group
             await self.dlq.stop()

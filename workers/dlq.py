@@ -37,12 +37,12 @@ class DeadLetters:
             return
         futures = [await self._send(letter) for letter in letters]
         results = await asyncio.gather(*futures, return_exceptions=True)
-        too_large = [letter for letter, result in zip(letters, results, strict=True)
-                     if isinstance(result, MessageSizeTooLargeError)]
-        failed = [r for r in results
-                  if isinstance(r, BaseException) and not isinstance(r, MessageSizeTooLargeError)]
-        if failed:
-            raise failed[0]
+        too_large = []
+        for letter, result in zip(letters, results, strict=True):
+            if isinstance(result, MessageSizeTooLargeError):
+                too_large.append(letter)
+            elif isinstance(result, BaseException):
+                raise result
         for letter in too_large:  # the broker refused them (its limit may be below ours)
             await (await self._send(letter, with_value=False))
 

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway.periodic import Periodic
 from gateway.state import STATE, State
 from schemas import metrics
 from schemas.metrics_export import exposition
+from schemas.periodic import Periodic
 
 log = logging.getLogger(__name__)
 

@@ -172,17 +172,22 @@ async def test_catalogue_reloads_outlive_a_reload_that_fails_unexpectedly(caplog
     worker.settings = SimpleNamespace(reload_s=0.01)
     worker.consumer = None
     reloads: list[int] = []
+    three = asyncio.Event()
 
     async def load_catalogue() -> bool:
-        reloads.append(len(reloads))
+        if len(reloads) < 3:
+            reloads.append(len(reloads))
         if len(reloads) == 1:
             raise RuntimeError("unplanned")
         if len(reloads) == 3:
-            worker.stop()
+            three.set()
         return False
 
     worker.load_catalogue = load_catalogue
-    await asyncio.wait_for(worker._watch_catalogue(), 5)
+    periodic = worker._catalogue_reloads()
+    periodic.start()
+    await asyncio.wait_for(three.wait(), 5)
+    await periodic.stop()
     assert len(reloads) == 3
     failed = [r for r in caplog.records if "catalogue reload failed" in r.getMessage()]
     assert len(failed) == 1 and failed[0].exc_info[0] is RuntimeError

@@ -1,10 +1,10 @@
-"""gateway.periodic: background loops that stop even when a step swallows its cancellation."""
+"""schemas.periodic: background loops that stop even when a step swallows its cancellation."""
 
 from __future__ import annotations
 
 import asyncio
 
-from gateway.periodic import Periodic
+from schemas.periodic import Periodic
 
 
 def swallowing_step(calls: list[str]):
