@@ -29,7 +29,7 @@ def chunk_step(sessions: Sessions, publisher: Publisher, max_reported: int,
         counts: tuple[int, int, int] | None = None
         try:
             items = parse_items(body, req.mime)
-            verdict = validate(req.dataset, items, max_reported)
+            verdict = validate(req.dataset, items, max_reported, body)
             if verdict.valid:
                 meta = RecordMeta(req.request_id, req.principal.key_id, req.received_at_ms,
                                   req.idempotency_key, session_id)

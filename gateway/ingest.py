@@ -93,7 +93,7 @@ class Ingestor:
 
     async def _process(self, req: IngestRequest, body: bytes, headers: dict[str, str]) -> Answer:
         items = parse_items(body, req.mime)
-        verdict = validate(req.dataset, items, self._max_errors)
+        verdict = validate(req.dataset, items, self._max_errors, body)
         errors = [e.as_dict() for e in verdict.errors]
         if verdict.invalid and (not req.partial or not verdict.valid):
             raise ValidationFailed(

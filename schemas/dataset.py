@@ -8,10 +8,12 @@ from typing import Any
 
 import jsonschema_rs
 
+from schemas.columns import int64_bounded
 from schemas.keys import KEY_ID_RE, IngestKey
 
 DATASET_ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_ITEM_ID = "urn:sluice:dataset-item"
 _KNOWN_FIELDS = {
     "id", "title", "description", "schema", "item_key", "event_id", "entry_topic",
     "max_request_bytes", "max_decompressed_bytes", "rate_limit", "ingest_keys",
@@ -86,7 +88,9 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
         raise DatasetError("schema: must be a JSON Schema whose type is 'object'")
     item_key = _optional_field(raw, "item_key", schema)
     event_id = _optional_field(raw, "event_id", schema)
-    checked = _with_required(schema, [f for f in (item_key, event_id) if f])
+    nested = _choice(raw, "nested", ("columns", "json"))
+    checked = int64_bounded(_with_required(schema, [f for f in (item_key, event_id) if f]),
+                            nested_json=nested == "json")
     try:
         validate_item = compile_schema(checked)
         validate_array = compile_schema(_array_of(checked))
@@ -106,7 +110,7 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
         ),
         rate_limit=_rate_limit(raw.get("rate_limit"), limits),
         ingest_keys=_ingest_keys(raw.get("ingest_keys", [])),
-        nested=_choice(raw, "nested", ("columns", "json")),
+        nested=nested,
         unknown_fields=_choice(raw, "unknown_fields", ("keep", "drop")),
         validate_item=validate_item,
         validate_array=validate_array,
@@ -139,13 +143,13 @@ def _with_required(schema: dict, fields: list[str]) -> dict:
 
 
 def _array_of(schema: dict) -> dict:
-    """Wrap an item schema as an array schema, keeping local $ref targets at the root."""
-    item = {k: v for k, v in schema.items() if k not in ("definitions", "$defs", "$schema")}
-    wrapper: dict[str, Any] = {"type": "array", "items": item}
-    for defs in ("definitions", "$defs"):
-        if defs in schema:
-            wrapper[defs] = schema[defs]
-    return wrapper
+    """The item schema as an array schema of the same draft: the item stays a resource of its
+    own (an ``$id`` of its own unless it has one), so that its ``#`` references still mean the
+    item and its definitions, as in the item validator."""
+    draft = schema.get("$schema")
+    item = {k: v for k, v in schema.items() if k != "$schema"}
+    item.setdefault("id" if draft and "draft-04" in draft else "$id", _ITEM_ID)
+    return {"type": "array", "items": item, **({"$schema": draft} if draft else {})}
 
 
 def _string(raw: dict, name: str, default: str) -> str:

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
+from schemas.columns import INT64_MAX, INT64_MIN, column_fields
 from schemas.dataset import Dataset, DatasetError
 
-KINDS = ("text", "integer", "number", "boolean", "timestamp", "date", "json")
 EXTRA_COLUMN = "_extra"  # unknown fields, when the dataset keeps them
 _MAX_IDENTIFIER = 63  # PostgreSQL's limit, the stricter of the two stores
 _INT_RE = re.compile(r"^[+-]?\d+$")
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # bigint (PostgreSQL), INTEGER (SQLite)
 _MISSING = object()
 
 
@@ -71,7 +70,7 @@ class Structure:
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
         self.keep_unknown = dataset.unknown_fields == "keep"
-        self.columns = _plan(dataset.schema, (), dataset.nested == "json", required=True)
+        self.columns = _plan(dataset.schema, dataset.nested == "json")
         names = [c.name for c in self.columns]
         if len(set(names)) != len(names):
             raise DatasetError(f"dataset {dataset.id}: two fields map to the same column")
@@ -206,41 +205,15 @@ def _column_of(field: str | None) -> str | None:
     return field  # identifying fields are top-level properties: their column keeps the name
 
 
-def _plan(schema: dict, prefix: tuple[str, ...], nested_json: bool, required: bool) -> list:
-    columns: list[Column] = []
-    mandatory = set(schema.get("required", ()))
-    for name, prop in schema.get("properties", {}).items():
-        path = (*prefix, name)
-        is_required = required and name in mandatory
-        kind = kind_of(prop)
-        if kind == "object" and not nested_json and prop.get("properties"):
-            columns += _plan(prop, path, nested_json, is_required)
-            continue
+def _plan(schema: dict, nested_json: bool) -> list[Column]:
+    columns = []
+    for path, prop, kind, required in column_fields(schema, nested_json):
         column = "__".join(path)
         if len(column.encode()) > _MAX_IDENTIFIER:
             raise DatasetError(f"field {'.'.join(path)!r} makes a column name longer than "
                                f"{_MAX_IDENTIFIER} bytes")
-        default = prop.get("default", _MISSING)
-        columns.append(Column(column, path, "json" if kind == "object" else kind,
-                              is_required, default))
+        columns.append(Column(column, path, kind, required, prop.get("default", _MISSING)))
     return columns
-
-
-def kind_of(prop: dict) -> str:
-    """The column kind of a property schema."""
-    kinds = prop.get("type")
-    if isinstance(kinds, list):
-        real = [k for k in kinds if k != "null"]
-        kinds = real[0] if len(real) == 1 else None
-    if kinds == "string":
-        return {"date-time": "timestamp", "date": "date"}.get(prop.get("format"), "text")
-    if kinds in ("integer", "number", "boolean", "object"):
-        return kinds
-    if kinds is None and "enum" in prop and all(isinstance(v, str) for v in prop["enum"]):
-        return "text"
-    if kinds is None and "properties" in prop:
-        return "object"
-    return "json"
 
 
 def _get(item: dict, path: tuple[str, ...]) -> Any:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.columns import NUL_MESSAGE, may_hold_nul, nul_path
 from schemas.dataset import Dataset
 
 MAX_MESSAGE = 300  # characters of one error message (they quote the offending value)
@@ -30,25 +31,33 @@ class Verdict:
     errors: list[ItemError]
 
 
-def validate(dataset: Dataset, items: Sequence[Any], cap: int) -> Verdict:
+def validate(dataset: Dataset, items: Sequence[Any], cap: int, body: bytes) -> Verdict:
     """Check every item; the common all-valid case costs one compiled call for the array.
 
-    An invalid item is reported with its first error (where, and what is wrong).
+    ``body`` is what the items were parsed from: when it holds the escape of NUL, which no
+    store keeps, the items holding one are invalid too. An invalid item is reported with its
+    first error (where, and what is wrong).
     """
-    if dataset.validate_array.is_valid(items):
+    nul = may_hold_nul(body)
+    if not nul and dataset.validate_array.is_valid(items):
         return Verdict(items, 0, [])
     valid: list[Any] = []
     errors: list[ItemError] = []
     invalid = 0
     check = dataset.validate_item
     for index, item in enumerate(items):
-        if check.is_valid(item):
+        schema_valid = check.is_valid(item)
+        where = nul_path(item) if nul and schema_valid else None
+        if schema_valid and where is None:
             valid.append(item)
             continue
         invalid += 1
         if len(errors) < cap:
-            error = next(check.iter_errors(item))
-            errors.append(ItemError(index, json_path(error.instance_path), _message(error)))
+            if where is not None:
+                errors.append(ItemError(index, where, NUL_MESSAGE))
+            else:
+                error = next(check.iter_errors(item))
+                errors.append(ItemError(index, json_path(error.instance_path), _message(error)))
     return Verdict(valid, invalid, errors)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from schemas import records as r
+from schemas.columns import NUL_MESSAGE, may_hold_nul, nul_path
 from schemas.structure import ShapeError, Structure
 from workers.rows import Origin, Row
 
@@ -65,36 +66,14 @@ def decode(record: Any, structure: Structure, out: Decoded) -> tuple[Origin, int
         return base, 1
     shape = structure.row_values
     rows = out.rows
-    # JSON can write NUL only as the escape \u0000, so a record without it has none (one
-    # search of its bytes); PostgreSQL keeps no NUL in text or jsonb, and a row with one
-    # would fail its whole batch's write, for ever: refused here, whatever the store.
-    nul = record.value is not None and b"\\u0000" in record.value
+    # refused here too: Kafka-native producers do not pass the gateway's check
+    nul = record.value is not None and may_hold_nul(record.value)
     for index, event in enumerate(events):
         try:
-            if nul and (where := _nul_in(event, "$")) is not None:
-                raise ShapeError(where, "contains the NUL character (\\u0000), which the "
-                                        "stores cannot keep")
+            if nul and (where := nul_path(event)) is not None:
+                raise ShapeError(where, NUL_MESSAGE)
             rows.append(Row(shape(event), base, index))
         except ShapeError as exc:
             out.dead.append(DeadLetter(record, orjson.dumps(event), "SHAPE_FAILED", str(exc),
                                        index, base))
     return base, len(events)
-
-
-def _nul_in(value: Any, path: str) -> str | None:
-    """The path of the first string (or key) of ``value`` holding NUL, or None."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if "\x00" in key:
-                return path
-            found = _nul_in(item, f"{path}.{key}")
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _nul_in(item, f"{path}[{i}]")
-            if found is not None:
-                return found
-    return None

@@ -21,6 +21,7 @@ SALES_SCHEMA = {
         "region": {"type": "string", "minLength": 1},
         "revenue": {"type": "number", "minimum": 0},
         "target": {"type": "number"},
+        "units": {"type": "integer", "minimum": 0},
     },
     "required": ["region", "revenue"],
 }

@@ -126,6 +126,40 @@ async def test_partial_with_nothing_valid_is_400(gateway):
     assert await gateway.published() == []
 
 
+# What the stores cannot keep: an integer column beyond 64 bits, the NUL character anywhere
+# (PostgreSQL keeps none). Refused here, so the producer hears it at once, instead of a 202
+# and a dead letter.
+UNSTORABLE = (b'[{"region": "ok", "revenue": 1, "units": 9223372036854775807},'
+              b' {"region": "big", "revenue": 1, "units": 9223372036854775808},'
+              b' {"region": "a\\u0000b", "revenue": 2},'
+              b' {"region": "key", "revenue": 3, "tags": {"k\\u0000": 1}},'
+              b' {"region": "text\\\\u0000", "revenue": 4}]')  # a backslash, then u0000
+NUL = "contains the NUL character (\\u0000), which the stores cannot keep"
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+async def test_400_what_the_stores_cannot_keep_is_refused_at_the_edge(gateway, encoding):
+    body = UNSTORABLE if encoding == "identity" else gzip.compress(UNSTORABLE)
+    doc = await assert_problem(await gateway.post(body, **{"Content-Encoding": encoding}), 400,
+                               "VALIDATION_FAILED")
+    assert doc["invalid_items"] == 3
+    assert [(e["index"], e["path"], e["message"]) for e in doc["errors"]] == [
+        (1, "$.units", "9223372036854775808 is greater than the maximum of 9223372036854775807"),
+        (2, "$.region", NUL), (3, "$.tags", NUL)]
+    assert await gateway.published() == []
+
+
+async def test_partial_publishes_only_what_the_stores_can_keep(gateway):
+    lines = b"\n".join(orjson.dumps(i) for i in orjson.loads(UNSTORABLE))
+    resp = await gateway.post(lines, query="?partial=true", content_type="application/x-ndjson")
+    assert resp.status == 202
+    body = await resp.json()
+    assert (body["items_accepted"], body["items_rejected"]) == (2, 3)
+    assert [(e["index"], e["path"]) for e in body["rejected"]] == [
+        (1, "$.units"), (2, "$.region"), (3, "$.tags")]
+    assert [e["region"] for e in events(await gateway.published())] == ["ok", "text\\u0000"]
+
+
 async def test_400_malformed_json_gives_the_position(gateway):
     resp = await gateway.post(b'[{"region": "North",\n  "revenue": }]')
     doc = await assert_problem(resp, 400, "MALFORMED_JSON")
@@ -305,7 +339,8 @@ async def test_catalogue_reads(gateway):
     auth = {"Authorization": f"Bearer {gateway.key}"}
     listing = await (await gateway.client.get("/v1/datasets", headers=auth)).json()
     assert [d["id"] for d in listing["datasets"]] == ["sales"]
-    assert {f["name"] for f in listing["datasets"][0]["fields"]} == {"region", "revenue", "target"}
+    assert {f["name"] for f in listing["datasets"][0]["fields"]} == {"region", "revenue", "target",
+                                                                "units"}
     one = await gateway.client.get("/v1/datasets/sales", headers=auth)
     assert (await one.json())["schema"]["required"] == ["region", "revenue"]
     await assert_problem(await gateway.client.get("/v1/datasets/other", headers=auth), 403,

@@ -288,12 +288,14 @@ async def test_413_chunk_limit_and_the_datasets_smaller_limit(make_gateway, gate
 async def test_failed_records_come_back_with_their_errors_and_the_record(gateway):
     sid = (await open_session(gateway))["ingestion_id"]
     body = [sales("ok", 1)[0], {"region": "East", "revenue": -1}, {"region": "West", "revenue": 2},
-            {"revenue": 3}]
+            {"revenue": 3}, {"region": "N\x00", "revenue": 4}]  # NUL: no store keeps it
     resp = await chunk(gateway, sid, body)
     assert resp.status == 201
     doc = await resp.json()
-    assert (doc["items_received"], doc["items_accepted"], doc["items_rejected"]) == (4, 2, 2)
-    assert [f["index"] for f in doc["failed"]] == [1, 3]
+    assert (doc["items_received"], doc["items_accepted"], doc["items_rejected"]) == (5, 2, 3)
+    assert [f["index"] for f in doc["failed"]] == [1, 3, 4]
+    assert doc["failed"][2]["errors"] == [{"path": "$.region", "message": (
+        "contains the NUL character (\\u0000), which the stores cannot keep")}]
     assert doc["failed"][0]["record"] == {"region": "East", "revenue": -1}
     assert doc["failed"][0]["errors"][0]["path"] == "$.revenue"
     assert doc["failed"][0]["errors"][0]["message"]
@@ -305,8 +307,8 @@ async def test_failed_records_come_back_with_their_errors_and_the_record(gateway
     await assert_problem(await chunk(gateway, sid, b'[{"region": '), 400, "MALFORMED_JSON")
     assert [e for e, _ in await published_events(gateway)] == [body[0], body[2]]
     assert counts(await status(gateway, sid)) == {
-        "chunks": 2, "chunks_in_flight": 0, "items_received": 5, "items_accepted": 2,
-        "items_rejected": 3, "items_written": 0, "items_failed": 0}
+        "chunks": 2, "chunks_in_flight": 0, "items_received": 6, "items_accepted": 2,
+        "items_rejected": 4, "items_written": 0, "items_failed": 0}
 
 
 async def test_idempotency_and_rate_limits_work_as_on_the_push_route(make_gateway):

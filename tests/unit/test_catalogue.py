@@ -2,9 +2,11 @@
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from schemas.catalogue import CatalogueError, load_catalogue
+from schemas.columns import int64_bounded
 from schemas.dataset import DatasetError, Limits, parse_dataset
 from schemas.keys import hash_key, new_key
 from schemas.validation import validate
@@ -27,7 +29,8 @@ def test_defaults_and_identifying_fields_become_required():
     dataset = parse_dataset({"id": "d1", "schema": SCHEMA, "item_key": "id"}, Limits())
     assert dataset.entry_topic == "ingest.d1"
     assert dataset.max_request_bytes == 1024 * 1024
-    verdict = validate(dataset, [{"n": 1}, {"n": 1, "id": "a"}], cap=10)
+    items = [{"n": 1}, {"n": 1, "id": "a"}]
+    verdict = validate(dataset, items, cap=10, body=orjson.dumps(items))
     assert verdict.invalid == 1
     assert verdict.errors[0].index == 0
 
@@ -81,8 +84,105 @@ def test_authentication_by_key(tmp_path):
 def test_validation_caps_reported_errors():
     dataset = parse_dataset({"id": "d", "schema": SCHEMA}, Limits())
     items = [{"n": "x"}] * 10 + [{"n": 1}]
-    verdict = validate(dataset, items, cap=3)
+    verdict = validate(dataset, items, cap=3, body=orjson.dumps(items))
     assert verdict.invalid == 10
     assert len(verdict.errors) == 3
     assert verdict.errors[0].path == "$.n"
     assert verdict.valid == [{"n": 1}]
+
+
+NESTED = {"type": "object", "properties": {
+    "n": {"type": ["integer", "null"]},
+    "limit": {"type": "integer", "maximum": 10, "allOf": [{"multipleOf": 2}]},
+    "o": {"type": "object", "properties": {"c": {"type": "integer"}}},
+    "ids": {"type": "array", "items": {"type": "integer"}},  # a json column
+}}
+BIG = 2**63
+
+
+def invalid_paths(dataset, items: list) -> list[tuple[int, str, str]]:
+    verdict = validate(dataset, items, cap=100, body=orjson.dumps(items))
+    assert verdict.invalid == len(verdict.errors)
+    return [(e.index, e.path, e.message) for e in verdict.errors]
+
+
+def test_integer_columns_are_held_to_64_bits_the_stores_integers():
+    """JSON Schema's integer has no bound; the workers would refuse (dead-letter) larger
+    values, so the gateway refuses them with the other schema errors instead."""
+    dataset = parse_dataset({"id": "d", "schema": NESTED}, Limits())
+    # as parsed by orjson: exact up to 2**64 - 1, beyond that (either way) a float
+    items = orjson.loads(b"""[
+        {"n": 9223372036854775807, "o": {"c": -9223372036854775808}, "ids": [%d], "limit": 4},
+        {"n": 9223372036854775808}, {"n": 18446744073709551615}, {"o": {"c": %d}},
+        {"n": -1e19}, {"limit": 12}, {"limit": 3}, {"n": null}]""" % (BIG, BIG))
+    assert invalid_paths(dataset, items) == [
+        (1, "$.n", f"{BIG} is greater than the maximum of {BIG - 1}"),
+        (2, "$.n", f"{2**64 - 1} is greater than the maximum of {BIG - 1}"),
+        (3, "$.o.c", f"{BIG} is greater than the maximum of {BIG - 1}"),
+        (4, "$.n", f"-10000000000000000000.0 is less than the minimum of {-BIG}"),
+        (5, "$.limit", "12 is greater than the maximum of 10"),  # the dataset's own bounds
+        (6, "$.limit", "3 is not a multiple of 2"),
+    ]
+    assert NESTED["properties"]["limit"]["allOf"] == [{"multipleOf": 2}]  # not changed
+    as_json = parse_dataset({"id": "d", "schema": NESTED, "nested": "json"}, Limits())
+    assert invalid_paths(as_json, [{"o": {"c": BIG}}]) == []  # kept whole in a json column
+
+
+def test_integers_already_bounded_by_the_dataset_are_left_as_they_are():
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 100},
+                                               "m": {"type": "integer", "minimum": 0}}}
+    bounded = int64_bounded(schema, nested_json=False)["properties"]
+    assert bounded["n"] == schema["properties"]["n"]
+    assert bounded["m"]["allOf"] == [{"minimum": -(2**63), "maximum": 2**63 - 1}]
+
+
+def test_draft4_exclusive_bounds_keep_their_meaning():
+    schema = {"$schema": "http://json-schema.org/draft-04/schema#", "type": "object",
+              "properties": {"n": {"type": "integer", "maximum": 10, "exclusiveMaximum": True}}}
+    dataset = parse_dataset({"id": "d", "schema": schema}, Limits())
+    assert [i for i, _, _ in invalid_paths(dataset, [{"n": 9}, {"n": 10}, {"n": BIG}])] == [1, 2]
+
+
+def test_items_holding_nul_are_invalid_wherever_it_is():
+    dataset = parse_dataset({"id": "d", "schema": SCHEMA}, Limits())
+    message = "contains the NUL character (\\u0000), which the stores cannot keep"
+    items = [{"n": 1, "id": "a\x00b"}, {"n": 2}, {"n": 3, "extra": {"k\x00": [1]}},
+             {"n": 4, "list": ["ok", "\x00"]}, {"n": "x", "id": "\x00"}]
+    assert invalid_paths(dataset, items) == [
+        (0, "$.id", message), (2, "$.extra", message), (3, "$.list[1]", message),
+        (4, "$.n", "\"x\" is not of type \"integer\""),  # the schema's error comes first
+    ]
+    # the text backslash-u0000 (an escaped backslash) is no NUL
+    text = [{"n": 1, "id": "a\\u0000"}]
+    body = orjson.dumps(text)
+    assert b"\\u0000" in body and validate(dataset, text, cap=5, body=body).invalid == 0
+
+
+DRAFT4 = "http://json-schema.org/draft-04/schema#"
+DRAFT2020 = "https://json-schema.org/draft/2020-12/schema"
+
+
+@pytest.mark.parametrize("schema, good, bad", [
+    # keywords of the dataset's draft: read as draft-07 by the array check, they were ignored
+    # (2020-12) or stopped the dataset from loading (draft-04's boolean exclusiveMaximum)
+    ({"$schema": DRAFT2020, "type": "object", "properties": {"a": {}, "n": {}},
+      "dependentRequired": {"a": ["n"]}}, {"a": 1, "n": 1}, {"a": 1}),
+    ({"$schema": DRAFT4, "type": "object",
+      "properties": {"n": {"type": "integer", "maximum": 10, "exclusiveMaximum": True}}},
+     {"n": 9}, {"n": 10}),
+    # "#" is the item, and its definitions stay reachable, with or without an $id of its own
+    ({"type": "object", "properties": {"n": {"type": "integer"},
+                                       "kids": {"type": "array", "items": {"$ref": "#"}}}},
+     {"kids": [{"n": 1}]}, {"kids": [{"n": "x"}]}),
+    ({"$id": "https://example.com/s.json", "type": "object", "definitions": {"p": {
+        "type": "integer"}}, "properties": {"n": {"$ref": "#/definitions/p"}}}, {"n": 1},
+     {"n": "x"}),
+])
+def test_the_whole_array_check_reads_the_schema_as_the_item_check(schema, good, bad):
+    dataset = parse_dataset({"id": "d", "schema": schema}, Limits())
+    assert dataset.validate_item.is_valid(good) and not dataset.validate_item.is_valid(bad)
+    assert dataset.validate_array.is_valid([good, good])
+    assert not dataset.validate_array.is_valid([good, bad])
+    items = [good, bad]
+    assert validate(dataset, items, cap=5, body=orjson.dumps(items)).invalid == 1
