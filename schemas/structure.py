@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from schemas.columns import INT64_MAX, INT64_MIN, column_fields
@@ -21,6 +21,7 @@ from schemas.dataset import Dataset, DatasetError
 EXTRA_COLUMN = "_extra"  # unknown fields, when the dataset keeps them
 _MAX_IDENTIFIER = 63  # PostgreSQL's limit, the stricter of the two stores
 _INT_RE = re.compile(r"^[+-]?\d+$")
+_LEAP_SECOND_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:)60(\.\d+)?(.*)$")
 _MISSING = object()
 
 
@@ -305,7 +306,10 @@ def to_boolean(value: Any) -> bool:
 def to_timestamp(value: Any) -> datetime:
     """ISO 8601 text (naive means UTC) or epoch seconds/milliseconds, as an aware UTC time."""
     if isinstance(value, str):  # text first: the common case
-        parsed = datetime.fromisoformat(value.strip())
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            parsed = _rfc3339_rest(value.strip())
         if parsed.tzinfo is UTC:  # "...Z": already what we store
             return parsed
         if parsed.tzinfo is None:
@@ -315,8 +319,22 @@ def to_timestamp(value: Any) -> datetime:
         raise TypeError("expected a date-time, got a boolean")
     if isinstance(value, _NUMBERS):
         seconds = value / 1000 if abs(value) >= 100_000_000_000 else value
-        return datetime.fromtimestamp(seconds, UTC)
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except OSError:  # beyond the platform's time_t: not one of the ERRORS a shaper maps
+            raise ValueError(f"{value!r} is outside the date-time range") from None
     raise TypeError(f"expected a date-time, got {type(value).__name__}")
+
+
+def _rfc3339_rest(text: str) -> datetime:
+    """What RFC 3339 (the schema's date-time format) allows and fromisoformat does not read:
+    a lowercase ``t`` or ``z``, and a leap second, read as PostgreSQL reads it (the next
+    second). Without this, a valid event would be dead-lettered."""
+    text = text.upper()
+    leap = _LEAP_SECOND_RE.match(text)
+    if leap is None:
+        return datetime.fromisoformat(text)
+    return datetime.fromisoformat(f"{leap[1]}59{leap[2] or ''}{leap[3]}") + timedelta(seconds=1)
 
 
 def to_date(value: Any) -> date:

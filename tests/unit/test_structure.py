@@ -2,6 +2,7 @@
 
 from datetime import UTC, date, datetime
 
+import jsonschema_rs
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -92,6 +93,30 @@ def test_overlong_column_names_are_refused():
 def test_epoch_timestamps_in_seconds_and_milliseconds():
     assert to_timestamp(1_800_000_000) == to_timestamp(1_800_000_000_000)
     assert to_timestamp("2026-01-02T03:04:05+02:00") == datetime(2026, 1, 2, 1, 4, 5, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text, moment", [
+    ("2026-01-02t03:04:05z", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+    ("1990-12-31T23:59:60Z", datetime(1991, 1, 1, tzinfo=UTC)),  # as PostgreSQL reads it
+    ("1990-12-31T23:59:60.5Z", datetime(1991, 1, 1, 0, 0, 0, 500000, tzinfo=UTC)),
+    ("2016-12-31t18:59:60-05:00", datetime(2017, 1, 1, tzinfo=UTC)),
+])
+def test_every_rfc3339_date_time_the_schema_accepts_converts(text, moment):
+    """The validators check format: date-time as RFC 3339, which allows a lowercase t and z
+    and a leap second; fromisoformat reads neither, so such valid events were dead-lettered."""
+    assert jsonschema_rs.Draft7Validator({"format": "date-time"}, validate_formats=True
+                                         ).is_valid(text)
+    assert to_timestamp(text) == moment
+
+
+@pytest.mark.parametrize("value", [10**20, -(10**20), 67_768_036_191_676_796_000])
+def test_epochs_beyond_the_platforms_time_are_refused_as_shape_errors(value):
+    """fromtimestamp raises OSError for these (not one of the errors a shaper maps): a
+    Kafka-native record holding one stopped its worker, every time it was read."""
+    with pytest.raises(ValueError, match="outside the date-time range"):
+        to_timestamp(value)
+    with pytest.raises(ShapeError, match=r"\$\.at: .*outside the date-time range"):
+        structure().row_values({"id": "a", "at": value})
 
 
 @given(st.integers(-(10**12), 10**12))
