@@ -10,8 +10,20 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # bigint (PostgreSQL), INTEGER (SQLite)
-_INT64_RANGE = {"minimum": INT64_MIN, "maximum": INT64_MAX}
+_YEAR_1_ON = {"pattern": "^(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])-"}
+# 0001-01-01 with an offset ahead of UTC, 9999-12-31 with one behind: in UTC, possibly a day
+# outside the calendar (refused whole; "exactly when the time is within the offset" is no
+# regular expression worth keeping)
+_CALENDAR_EDGE = {"not": {"pattern": "^(?:0001-01-01[Tt].*[+](?!00:00)|9999-12-31[Tt].*-(?!00:00))"
+                                     "[0-9]{2}:[0-9]{2}$"}}
+_STORE_BOUNDS: dict[str, tuple[dict, ...]] = {
+    "integer": ({"minimum": INT64_MIN, "maximum": INT64_MAX},),
+    "date": (_YEAR_1_ON,),
+    "timestamp": (_YEAR_1_ON, _CALENDAR_EDGE),
+}
 
 
 def column_fields(schema: dict, nested_json: bool, prefix: tuple[str, ...] = (),
@@ -47,22 +59,33 @@ def kind_of(prop: dict) -> str:
     return "json"
 
 
-def int64_bounded(schema: dict, nested_json: bool) -> dict:
-    """The schema with every integer column held to 64 bits, the stores' integers.
+def store_bounded(schema: dict, nested_json: bool) -> dict:
+    """The schema with every column held to what the stores keep: integers to 64 bits, dates
+    and date-times to the years 1-9999 (Python's, which shapes them).
 
-    JSON Schema's ``integer`` has no bound, so a larger value would pass validation and be
-    acknowledged, then fail in the workers; bounded, it is refused at the edge with the
-    other schema errors. Only integer columns are bounded: a big integer inside a json
-    column is kept as it is by both stores. The bound joins the property's ``allOf``, which
-    every draft reads the same way, so it never loosens or reinterprets the dataset's own
-    ``minimum``/``maximum``.
+    JSON Schema's ``integer`` has no bound, and RFC 3339 allows the year 0000 and offsets
+    that cross the calendar's first or last day; such a value would pass validation and be
+    acknowledged, then be dead-lettered by the workers. Bounded, it is refused at the edge
+    with the other schema errors. Only columns are bounded: a big integer inside a json
+    column is kept as it is by both stores. The bounds join the property's ``allOf``, which
+    every draft reads the same way, so they never loosen or reinterpret the dataset's own.
     """
     bounded = copy.deepcopy(schema)
     for _, prop, kind, _ in column_fields(bounded, nested_json):
-        if (kind == "integer" and not _within_int64(prop)
-                and isinstance(prop.get("allOf", []), list)):
-            prop["allOf"] = [*prop.get("allOf", []), _INT64_RANGE]
+        bounds = _STORE_BOUNDS.get(kind, ())
+        if kind == "integer" and _within_int64(prop):
+            bounds = ()
+        if bounds and isinstance(prop.get("allOf", []), list):
+            prop["allOf"] = [*prop.get("allOf", []), *bounds]
     return bounded
+
+
+def bound_message(message: str, value: Any) -> str | None:
+    """A plain message for a value refused by a date bound, in place of the pattern's."""
+    if _YEAR_1_ON["pattern"] in message or _CALENDAR_EDGE["not"]["pattern"] in message:
+        return (f"{orjson.dumps(value).decode()} is outside the years 1-9999 (in UTC), "
+                "which the stores keep")
+    return None
 
 
 def _within_int64(prop: dict) -> bool:

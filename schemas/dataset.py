@@ -8,7 +8,7 @@ from typing import Any
 
 import jsonschema_rs
 
-from schemas.columns import int64_bounded
+from schemas.columns import store_bounded
 from schemas.keys import KEY_ID_RE, IngestKey
 
 DATASET_ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -89,7 +89,7 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
     item_key = _optional_field(raw, "item_key", schema)
     event_id = _optional_field(raw, "event_id", schema)
     nested = _choice(raw, "nested", ("columns", "json"))
-    checked = int64_bounded(_with_required(schema, [f for f in (item_key, event_id) if f]),
+    checked = store_bounded(_with_required(schema, [f for f in (item_key, event_id) if f]),
                             nested_json=nested == "json")
     try:
         validate_item = compile_schema(checked)

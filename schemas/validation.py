@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.columns import NUL_MESSAGE, may_hold_nul, nul_path
+from schemas.columns import NUL_MESSAGE, bound_message, may_hold_nul, nul_path
 from schemas.dataset import Dataset
 
 MAX_MESSAGE = 300  # characters of one error message (they quote the offending value)
@@ -70,5 +70,5 @@ def json_path(path: Sequence[Any]) -> str:
 
 
 def _message(error: Any) -> str:
-    message = error.message
+    message = bound_message(error.message, error.instance) or error.message
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 1] + "…"

@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from schemas.catalogue import CatalogueError, load_catalogue
-from schemas.columns import int64_bounded
+from schemas.columns import store_bounded
 from schemas.dataset import DatasetError, Limits, parse_dataset
 from schemas.keys import hash_key, new_key
 from schemas.validation import validate
@@ -128,11 +128,31 @@ def test_integer_columns_are_held_to_64_bits_the_stores_integers():
     assert invalid_paths(as_json, [{"o": {"c": BIG}}]) == []  # kept whole in a json column
 
 
+def test_dates_are_held_to_the_years_the_stores_keep():
+    """RFC 3339 allows the year 0000, and offsets that take the first or last day of the
+    calendar out of it in UTC; Python's datetime (which shapes rows) holds 1-9999."""
+    schema = {"type": "object", "properties": {
+        "at": {"type": "string", "format": "date-time"},
+        "day": {"type": ["string", "null"], "format": "date"}}}
+    dataset = parse_dataset({"id": "d", "schema": schema}, Limits())
+    good = [{"at": "0001-01-01T00:00:00Z", "day": "0001-01-01"},
+            {"at": "9999-12-31T23:59:59-00:00", "day": "9999-12-31"},
+            {"at": "0001-01-01T05:00:00-04:00"}, {"at": "9999-12-31T01:00:00+01:00"}]
+    assert invalid_paths(dataset, good) == []
+    outside = "is outside the years 1-9999 (in UTC), which the stores keep"
+    bad = [{"day": "0000-12-31"}, {"at": "0000-06-01T00:00:00Z"},
+           {"at": "0001-01-01T00:30:00+01:00"}, {"at": "9999-12-31t23:30:00-01:00"}]
+    assert invalid_paths(dataset, bad) == [
+        (0, "$.day", f'"0000-12-31" {outside}'), (1, "$.at", f'"0000-06-01T00:00:00Z" {outside}'),
+        (2, "$.at", f'"0001-01-01T00:30:00+01:00" {outside}'),
+        (3, "$.at", f'"9999-12-31t23:30:00-01:00" {outside}')]
+
+
 def test_integers_already_bounded_by_the_dataset_are_left_as_they_are():
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
                                                      "maximum": 100},
                                                "m": {"type": "integer", "minimum": 0}}}
-    bounded = int64_bounded(schema, nested_json=False)["properties"]
+    bounded = store_bounded(schema, nested_json=False)["properties"]
     assert bounded["n"] == schema["properties"]["n"]
     assert bounded["m"]["allOf"] == [{"minimum": -(2**63), "maximum": 2**63 - 1}]
 
