@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -26,6 +27,32 @@ _STORE_BOUNDS: dict[str, tuple[dict, ...]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class MetaColumn:
+    name: str
+    kind: str
+
+
+# Metadata columns of every dataset table, in table order, after the item's.
+META_COLUMNS = (
+    MetaColumn("_request_id", "text"),
+    MetaColumn("_connector", "text"),
+    MetaColumn("_received_at", "timestamp"),
+    MetaColumn("_session_id", "text"),
+    MetaColumn("_sync_id", "text"),
+    MetaColumn("_idempotency_key", "text"),
+    MetaColumn("_part", "integer"),
+    MetaColumn("_topic", "text"),
+    MetaColumn("_partition", "integer"),
+    MetaColumn("_offset", "integer"),
+    MetaColumn("_index", "integer"),
+)
+
+
+EXTRA_COLUMN = "_extra"  # unknown fields, when the dataset keeps them
+MAX_IDENTIFIER = 63  # bytes: PostgreSQL's limit (it cuts longer names), the stricter store's
+
+
 def column_fields(schema: dict, nested_json: bool, prefix: tuple[str, ...] = (),
                   required: bool = True) -> Iterator[tuple[tuple[str, ...], dict, str, bool]]:
     """(path, property schema, column kind, required) of every property that becomes a
@@ -40,6 +67,24 @@ def column_fields(schema: dict, nested_json: bool, prefix: tuple[str, ...] = (),
             yield from column_fields(prop, nested_json, path, is_required)
         else:
             yield path, prop, "json" if kind == "object" else kind, is_required
+
+
+def check_column_names(schema: dict, nested_json: bool, keep_unknown: bool) -> None:
+    """ValueError for a schema whose table the stores cannot create: a column name longer
+    than PostgreSQL keeps, or two fields (or a field and a metadata column) with one name,
+    as ``a__b`` and the nested ``a.b`` are."""
+    taken = {m.name: "a metadata column" for m in META_COLUMNS}
+    if keep_unknown:
+        taken[EXTRA_COLUMN] = "the column of unknown fields"
+    for path, _, _, _ in column_fields(schema, nested_json):
+        name, field = "__".join(path), ".".join(path)
+        if len(name.encode()) > MAX_IDENTIFIER:
+            raise ValueError(f"field {field!r} makes a column name longer than "
+                             f"{MAX_IDENTIFIER} bytes")
+        if name in taken:
+            raise ValueError(f"field {field!r} makes the column {name!r}, which is already "
+                             f"{taken[name]}")
+        taken[name] = f"the column of field {field!r}"
 
 
 def kind_of(prop: dict) -> str:

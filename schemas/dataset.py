@@ -8,7 +8,7 @@ from typing import Any
 
 import jsonschema_rs
 
-from schemas.columns import store_bounded
+from schemas.columns import check_column_names, store_bounded
 from schemas.keys import KEY_ID_RE, IngestKey
 
 DATASET_ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -89,6 +89,11 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
     item_key = _optional_field(raw, "item_key", schema)
     event_id = _optional_field(raw, "event_id", schema)
     nested = _choice(raw, "nested", ("columns", "json"))
+    unknown_fields = _choice(raw, "unknown_fields", ("keep", "drop"))
+    try:
+        check_column_names(schema, nested == "json", keep_unknown=unknown_fields == "keep")
+    except ValueError as exc:
+        raise DatasetError(f"schema: {exc}") from None
     checked = store_bounded(_with_required(schema, [f for f in (item_key, event_id) if f]),
                             nested_json=nested == "json")
     try:
@@ -111,7 +116,7 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
         rate_limit=_rate_limit(raw.get("rate_limit"), limits),
         ingest_keys=_ingest_keys(raw.get("ingest_keys", [])),
         nested=nested,
-        unknown_fields=_choice(raw, "unknown_fields", ("keep", "drop")),
+        unknown_fields=unknown_fields,
         validate_item=validate_item,
         validate_array=validate_array,
     )

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from schemas.columns import INT64_MAX, INT64_MIN, column_fields
-from schemas.dataset import Dataset, DatasetError
+from schemas.columns import EXTRA_COLUMN, INT64_MAX, INT64_MIN, column_fields
+from schemas.dataset import Dataset
 
-EXTRA_COLUMN = "_extra"  # unknown fields, when the dataset keeps them
-_MAX_IDENTIFIER = 63  # PostgreSQL's limit, the stricter of the two stores
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _LEAP_SECOND_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:)60(\.\d+)?(.*)$")
 _MISSING = object()
@@ -43,28 +41,6 @@ class Column:
     default: Any = _MISSING
 
 
-@dataclass(frozen=True, slots=True)
-class MetaColumn:
-    name: str
-    kind: str
-
-
-# Metadata columns of every dataset table, in table order.
-META_COLUMNS = (
-    MetaColumn("_request_id", "text"),
-    MetaColumn("_connector", "text"),
-    MetaColumn("_received_at", "timestamp"),
-    MetaColumn("_session_id", "text"),
-    MetaColumn("_sync_id", "text"),
-    MetaColumn("_idempotency_key", "text"),
-    MetaColumn("_part", "integer"),
-    MetaColumn("_topic", "text"),
-    MetaColumn("_partition", "integer"),
-    MetaColumn("_offset", "integer"),
-    MetaColumn("_index", "integer"),
-)
-
-
 class Structure:
     """The table plan of one dataset and the function from an item to a row."""
 
@@ -72,9 +48,6 @@ class Structure:
         self.dataset = dataset
         self.keep_unknown = dataset.unknown_fields == "keep"
         self.columns = _plan(dataset.schema, dataset.nested == "json")
-        names = [c.name for c in self.columns]
-        if len(set(names)) != len(names):
-            raise DatasetError(f"dataset {dataset.id}: two fields map to the same column")
         self._known_top = frozenset(dataset.schema.get("properties", {}))
         # per column: top-level name (or None for a nested path), path, coercion, required,
         # default; the top-level case skips the path walk
@@ -207,14 +180,9 @@ def _column_of(field: str | None) -> str | None:
 
 
 def _plan(schema: dict, nested_json: bool) -> list[Column]:
-    columns = []
-    for path, prop, kind, required in column_fields(schema, nested_json):
-        column = "__".join(path)
-        if len(column.encode()) > _MAX_IDENTIFIER:
-            raise DatasetError(f"field {'.'.join(path)!r} makes a column name longer than "
-                               f"{_MAX_IDENTIFIER} bytes")
-        columns.append(Column(column, path, kind, required, prop.get("default", _MISSING)))
-    return columns
+    """The columns of the item's fields (their names checked when the dataset was parsed)."""
+    return [Column("__".join(path), path, kind, required, prop.get("default", _MISSING))
+            for path, prop, kind, required in column_fields(schema, nested_json)]
 
 
 def _get(item: dict, path: tuple[str, ...]) -> Any:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from schemas.structure import META_COLUMNS, Structure
+from schemas.columns import META_COLUMNS
+from schemas.structure import Structure
 
 
 @dataclass(frozen=True, slots=True)

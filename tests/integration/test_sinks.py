@@ -261,6 +261,26 @@ async def test_schema_growth_adds_columns_and_type_changes_stop(sink, storage_ur
         await sink.prepare(s3)
 
 
+async def test_columns_differing_only_in_case_are_refused_by_sqlite_alone(sink, storage_url):
+    """SQLite takes them for one name (its CREATE or ALTER failed, stopping the worker with a
+    traceback); PostgreSQL keeps both."""
+    both = {**SCHEMA, "properties": {**SCHEMA["properties"], "Region": {"type": "string"}}}
+    s = Structure(parse_dataset({"id": "sales", "schema": both}, Limits()))
+    if not storage_url.startswith("sqlite"):
+        await sink.prepare(s)
+        await sink.write(s, [row(s, {"region": "a", "Region": "b"}, origin(0))])
+        assert await read(sink, storage_url, 'SELECT region, "Region" FROM sales') == [
+            ("a", "b")]
+        return
+    with pytest.raises(StorageSchemaError, match="columns region and Region differ only in case"):
+        await sink.prepare(s)
+    await sink.prepare(structure())
+    renamed = {**SCHEMA, "properties": {**SCHEMA["properties"], "Units": {"type": "integer"}}}
+    del renamed["properties"]["units"]
+    with pytest.raises(StorageSchemaError, match="columns units and Units differ only in case"):
+        await sink.prepare(Structure(parse_dataset({"id": "sales", "schema": renamed}, Limits())))
+
+
 async def test_postgres_timestamps_encode_as_asyncpg_does(postgres_url):
     """The sink's own timestamptz codec writes and reads exactly what asyncpg's does."""
     from zoneinfo import ZoneInfo

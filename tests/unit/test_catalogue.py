@@ -1,5 +1,6 @@
 """Dataset definitions and the catalogue: checks, compiled validators, keys."""
 
+import re
 from pathlib import Path
 
 import orjson
@@ -206,3 +207,31 @@ def test_the_whole_array_check_reads_the_schema_as_the_item_check(schema, good, 
     assert not dataset.validate_array.is_valid([good, bad])
     items = [good, bad]
     assert validate(dataset, items, cap=5, body=orjson.dumps(items)).invalid == 1
+
+
+def _props(**props) -> dict:
+    return {"type": "object", "properties": props}
+
+
+@pytest.mark.parametrize("schema, extra, message", [
+    (_props(**{"x" * 64: {}}), {}, "makes a column name longer than 63 bytes"),
+    (_props(a={"type": "object", "properties": {"é" * 31: {}}}), {},  # 3 + 62 bytes
+     "makes a column name longer than 63 bytes"),
+    (_props(a__b={}, a={"type": "object", "properties": {"b": {}}}), {},
+     "field 'a.b' makes the column 'a__b', which is already the column of field 'a__b'"),
+    (_props(_offset={"type": "integer"}), {},
+     "field '_offset' makes the column '_offset', which is already a metadata column"),
+    (_props(_extra={}), {}, "which is already the column of unknown fields"),
+])
+def test_schemas_whose_table_cannot_be_created_are_refused_at_load(schema, extra, message):
+    """Found by the gateway and `sluice check` alike, not by a worker failing to create the
+    table after the events were acknowledged."""
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        parse_dataset({"id": "d", "schema": schema, **extra}, Limits())
+
+
+def test_names_that_collide_only_in_a_mode_are_refused_only_in_it():
+    nested = _props(a__b={}, a={"type": "object", "properties": {"b": {}}})
+    assert parse_dataset({"id": "d", "schema": nested, "nested": "json"}, Limits())
+    assert parse_dataset({"id": "d", "schema": _props(_extra={}), "unknown_fields": "drop"},
+                         Limits())

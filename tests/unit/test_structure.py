@@ -7,9 +7,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from schemas.columns import EXTRA_COLUMN
 from schemas.dataset import DatasetError, Limits, parse_dataset
 from schemas.structure import (
-    EXTRA_COLUMN,
     ShapeError,
     Structure,
     to_boolean,

@@ -23,6 +23,7 @@ from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
     StorageBusy,
+    StorageSchemaError,
     WriteResult,
     check_columns,
     conflict_target,
@@ -123,6 +124,7 @@ class SqliteSink:
         table = structure.dataset.id
         columns = table_columns(structure)
         existing = {r[1]: r[2] for r in self._conn.execute(f"PRAGMA table_info({quote(table)})")}
+        _check_case(table, existing, columns)
         with self._conn:
             if not existing:
                 self._conn.execute(create_table_sql(structure, columns, sqlite_type))
@@ -218,3 +220,16 @@ class SqliteSink:
                          "table_name = ? AND topic = ? AND partition = ? AND next_offset < ?",
                          [(n, table, t, p, n) for t, p, n in fence.next_fences(batch)])
         return fresh
+
+
+def _check_case(table: str, existing: dict[str, str], wanted: list[tuple[str, str]]) -> None:
+    """StorageSchemaError for two columns whose names differ only in ASCII case, which SQLite
+    takes for one name (PostgreSQL, quoting them, keeps both): both wanted, or one wanted and
+    the other in the table (a field renamed so)."""
+    seen = {name.encode().lower(): name for name in existing}
+    for name, _ in wanted:
+        other = seen.setdefault(name.encode().lower(), name)
+        if other != name:
+            raise StorageSchemaError(
+                f"table {table}: columns {other} and {name} differ only in case, which SQLite "
+                "does not tell apart; rename one of the fields")
