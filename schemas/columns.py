@@ -20,6 +20,8 @@ _YEAR_1_ON = {"pattern": "^(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9]
 # regular expression worth keeping)
 _CALENDAR_EDGE = {"not": {"pattern": "^(?:0001-01-01[Tt].*[+](?!00:00)|9999-12-31[Tt].*-(?!00:00))"
                                      "[0-9]{2}:[0-9]{2}$"}}
+_NOT_NULL = {"not": {"type": "null"}}
+_NOT_NULL_MESSAGE = '{"type":"null"} is not allowed for null'
 _STORE_BOUNDS: dict[str, tuple[dict, ...]] = {
     "integer": ({"minimum": INT64_MIN, "maximum": INT64_MAX},),
     "date": (_YEAR_1_ON,),
@@ -104,9 +106,11 @@ def kind_of(prop: dict) -> str:
     return "json"
 
 
-def store_bounded(schema: dict, nested_json: bool) -> dict:
+def store_bounded(schema: dict, nested_json: bool, identifying: tuple[str, ...] = ()) -> dict:
     """The schema with every column held to what the stores keep: integers to 64 bits, dates
-    and date-times to the years 1-9999 (Python's, which shapes them).
+    and date-times to the years 1-9999 (Python's, which shapes them), and the ``identifying``
+    fields (item key, event id) to non-null values (a null key is no key: PostgreSQL refuses
+    it in a primary key, for ever, and SQLite would keep one row per null).
 
     JSON Schema's ``integer`` has no bound, and RFC 3339 allows the year 0000 and offsets
     that cross the calendar's first or last day; such a value would pass validation and be
@@ -116,21 +120,34 @@ def store_bounded(schema: dict, nested_json: bool) -> dict:
     every draft reads the same way, so they never loosen or reinterpret the dataset's own.
     """
     bounded = copy.deepcopy(schema)
-    for _, prop, kind, _ in column_fields(bounded, nested_json):
+    for path, prop, kind, _ in column_fields(bounded, nested_json):
         bounds = _STORE_BOUNDS.get(kind, ())
         if kind == "integer" and _within_int64(prop):
             bounds = ()
+        if len(path) == 1 and path[0] in identifying and accepts_null(prop):
+            bounds = (*bounds, _NOT_NULL)
         if bounds and isinstance(prop.get("allOf", []), list):
             prop["allOf"] = [*prop.get("allOf", []), *bounds]
     return bounded
 
 
 def bound_message(message: str, value: Any) -> str | None:
-    """A plain message for a value refused by a date bound, in place of the pattern's."""
+    """A plain message for a value refused by a store bound, in place of the schema's."""
     if _YEAR_1_ON["pattern"] in message or _CALENDAR_EDGE["not"]["pattern"] in message:
         return (f"{orjson.dumps(value).decode()} is outside the years 1-9999 (in UTC), "
                 "which the stores keep")
+    if value is None and message == _NOT_NULL_MESSAGE:
+        return "must not be null: it identifies the item"
     return None
+
+
+def accepts_null(prop: dict) -> bool:
+    """Whether a property's schema may allow null (without a type, unless an enum rules it
+    out): a required field that does is stored as NULL when null, not refused."""
+    kinds = prop.get("type")
+    if kinds is None:
+        return "enum" not in prop or None in prop["enum"]
+    return kinds == "null" or (isinstance(kinds, list) and "null" in kinds)
 
 
 def _within_int64(prop: dict) -> bool:

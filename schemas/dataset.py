@@ -94,8 +94,9 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
         check_column_names(schema, nested == "json", keep_unknown=unknown_fields == "keep")
     except ValueError as exc:
         raise DatasetError(f"schema: {exc}") from None
-    checked = store_bounded(_with_required(schema, [f for f in (item_key, event_id) if f]),
-                            nested_json=nested == "json")
+    identifying = tuple(f for f in (item_key, event_id) if f)
+    checked = store_bounded(_with_required(schema, list(identifying)),
+                            nested_json=nested == "json", identifying=identifying)
     try:
         validate_item = compile_schema(checked)
         validate_array = compile_schema(_array_of(checked))

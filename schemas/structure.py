@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from schemas.columns import EXTRA_COLUMN, INT64_MAX, INT64_MIN, column_fields
+from schemas.columns import EXTRA_COLUMN, INT64_MAX, INT64_MIN, accepts_null, column_fields
 from schemas.dataset import Dataset
 
 _INT_RE = re.compile(r"^[+-]?\d+$")
@@ -47,7 +47,8 @@ class Structure:
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
         self.keep_unknown = dataset.unknown_fields == "keep"
-        self.columns = _plan(dataset.schema, dataset.nested == "json")
+        identifying = tuple(f for f in (dataset.item_key, dataset.event_id) if f)
+        self.columns = _plan(dataset.schema, dataset.nested == "json", identifying)
         self._known_top = frozenset(dataset.schema.get("properties", {}))
         # per column: top-level name (or None for a nested path), path, coercion, required,
         # default; the top-level case skips the path walk
@@ -179,9 +180,16 @@ def _column_of(field: str | None) -> str | None:
     return field  # identifying fields are top-level properties: their column keeps the name
 
 
-def _plan(schema: dict, nested_json: bool) -> list[Column]:
-    """The columns of the item's fields (their names checked when the dataset was parsed)."""
-    return [Column("__".join(path), path, kind, required, prop.get("default", _MISSING))
+def _plan(schema: dict, nested_json: bool, identifying: tuple[str, ...]) -> list[Column]:
+    """The columns of the item's fields (their names checked when the dataset was parsed).
+
+    A column is required (absent or null refused) when its field is required and its schema
+    does not allow null, and always when it identifies the item: a null key is no key.
+    """
+    return [Column("__".join(path), path, kind,
+                   (len(path) == 1 and path[0] in identifying)
+                   or (required and not accepts_null(prop)),
+                   prop.get("default", _MISSING))
             for path, prop, kind, required in column_fields(schema, nested_json)]
 
 

@@ -298,6 +298,28 @@ async def test_values_beyond_the_stores_range_are_dead_lettered_and_the_partitio
     running.task.result()
 
 
+async def test_an_item_without_its_key_is_dead_lettered_and_the_partition_flows(
+        gateway, storage_url):
+    """A null item key is no key: PostgreSQL refused the batch (NOT NULL of the primary key),
+    for ever, and SQLite kept a row per null. The gateway refuses one; a Kafka-native record
+    can still hold one. A required field whose schema allows null is stored as NULL."""
+    topic = f"ingest.keyed.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    (gateway.settings.catalogue_dir / "keyed.yaml").write_text(
+        f"id: keyed\nitem_key: k\nentry_topic: {topic}\nschema: {{type: object, properties: "
+        "{k: {type: [string, 'null']}, note: {type: [string, 'null']}}, required: [note]}\n")
+    await produce(gateway.bootstrap, topic,
+                  b'[{"k": null, "note": "x"}, {"note": "y"}, {"k": "a", "note": null}]')
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "keyed"), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT k, note FROM keyed") == [("a", None)]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    assert [(dict(d.headers)[r.H_ERROR], d.value) for d in dead] == [
+        (b"$.k: is required", b'{"k":null,"note":"x"}'), (b"$.k: is required", b'{"note":"y"}')]
+    running.task.result()
+
+
 async def test_the_nul_character_is_dead_lettered_and_the_partition_flows(gateway,
                                                                           storage_url):
     """PostgreSQL keeps no NUL in text or jsonb: a row with one failed its batch's write for

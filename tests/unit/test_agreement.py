@@ -35,7 +35,9 @@ SCHEMA = {"type": "object", "properties": {
                                              "deep": {"type": "object", "properties": {
                                                  "z": {"type": "integer"}}}}},
     "tags": {"type": "array"},
-}, "required": ["n"]}
+    "maybe": {"type": ["string", "null"]},  # required, and null allowed: stored as NULL
+    "key": {"type": ["string", "null"]},  # the item key of one variant: null refused there
+}, "required": ["n", "maybe"]}
 
 _DAY = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
 DATES = st.from_regex(rf"\A{_DAY}\Z")
@@ -49,6 +51,7 @@ JSON = st.recursive(st.none() | st.booleans() | NUMBERS | st.text(),
                     lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(), inner, max_size=3), max_leaves=6)
 ITEMS = st.fixed_dictionaries({"n": INTEGERS}, optional={
+    "maybe": st.none() | st.text(), "key": st.none() | st.text(),
     "small": st.none() | INTEGERS, "x": NUMBERS, "ok": st.booleans(), "at": DATE_TIMES,
     "day": DATES, "kind": st.sampled_from(["a", "b"]), "text": st.text(),
     "geo": st.fixed_dictionaries({}, optional={"lat": NUMBERS, "deep": st.fixed_dictionaries(
@@ -71,9 +74,10 @@ def storable(value) -> bool:
     return b"\\u0000" not in orjson.dumps(value)
 
 
-@pytest.mark.parametrize("nested", ["columns", "json"])
-def test_every_item_the_gateway_accepts_becomes_a_storable_row(nested):
-    dataset = parse_dataset({"id": "every", "schema": SCHEMA, "nested": nested}, Limits())
+@pytest.mark.parametrize("options", [{"nested": "columns"}, {"nested": "json"},
+                                     {"item_key": "key"}, {"event_id": "key"}])
+def test_every_item_the_gateway_accepts_becomes_a_storable_row(options):
+    dataset = parse_dataset({"id": "every", "schema": SCHEMA, **options}, Limits())
     structure = Structure(dataset)
 
     @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -85,5 +89,7 @@ def test_every_item_the_gateway_accepts_becomes_a_storable_row(nested):
         for item in verdict.valid:
             row = structure.row_values(item)  # must not raise: the item was acknowledged
             assert all(storable(v) for v in row), (item, row)
+            key = dataset.item_key or dataset.event_id
+            assert key is None or row[structure.data_names.index(key)] is not None
 
     check()

@@ -235,3 +235,12 @@ def test_names_that_collide_only_in_a_mode_are_refused_only_in_it():
     assert parse_dataset({"id": "d", "schema": nested, "nested": "json"}, Limits())
     assert parse_dataset({"id": "d", "schema": _props(_extra={}), "unknown_fields": "drop"},
                          Limits())
+
+
+@pytest.mark.parametrize("field", ["item_key", "event_id"])
+def test_an_identifying_field_must_not_be_null_even_where_the_schema_allows_it(field):
+    schema = _props(k={"type": ["string", "null"]}, note={"type": ["string", "null"]})
+    dataset = parse_dataset({"id": "d", "schema": schema, field: "k"}, Limits())
+    assert invalid_paths(dataset, [{"k": "a", "note": None}, {"k": None}, {"note": "x"}]) == [
+        (1, "$.k", "must not be null: it identifies the item"),
+        (2, "$", '"k" is a required property')]
