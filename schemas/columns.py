@@ -53,6 +53,7 @@ META_COLUMNS = (
 
 EXTRA_COLUMN = "_extra"  # unknown fields, when the dataset keeps them
 MAX_IDENTIFIER = 63  # bytes: PostgreSQL's limit (it cuts longer names), the stricter store's
+MAX_COLUMNS = 1600  # PostgreSQL's limit per table (SQLite's default is 2000)
 
 
 def column_fields(schema: dict, nested_json: bool, prefix: tuple[str, ...] = (),
@@ -73,8 +74,8 @@ def column_fields(schema: dict, nested_json: bool, prefix: tuple[str, ...] = (),
 
 def check_column_names(schema: dict, nested_json: bool, keep_unknown: bool) -> None:
     """ValueError for a schema whose table the stores cannot create: a column name longer
-    than PostgreSQL keeps, or two fields (or a field and a metadata column) with one name,
-    as ``a__b`` and the nested ``a.b`` are."""
+    than PostgreSQL keeps, two fields (or a field and a metadata column) with one name, as
+    ``a__b`` and the nested ``a.b`` are, or more columns than a table may have."""
     taken = {m.name: "a metadata column" for m in META_COLUMNS}
     if keep_unknown:
         taken[EXTRA_COLUMN] = "the column of unknown fields"
@@ -87,6 +88,9 @@ def check_column_names(schema: dict, nested_json: bool, keep_unknown: bool) -> N
             raise ValueError(f"field {field!r} makes the column {name!r}, which is already "
                              f"{taken[name]}")
         taken[name] = f"the column of field {field!r}"
+    if len(taken) > MAX_COLUMNS:
+        raise ValueError(f"the table would have {len(taken)} columns (with the metadata "
+                         f"columns); the stores keep at most {MAX_COLUMNS}")
 
 
 def kind_of(prop: dict) -> str:

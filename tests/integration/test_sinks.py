@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import asyncpg
@@ -408,3 +409,20 @@ async def test_concurrent_writers_record_the_same_keys_without_deadlocking(sink)
     assert sum(r.total for r in results) == 200
     assert await read(sink, sink.url, "SELECT count(DISTINCT region), count(*) "
                       "FROM sales") == [(200, 200)]
+
+
+async def test_postgres_refuses_a_database_not_encoded_utf8(postgres_server):
+    """A LATIN1 database refuses each batch holding a character it lacks (say an emoji), for
+    ever; the worker stops at start instead, saying why (exit code 2)."""
+    name = f"sluice_latin1_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres_server)
+    await admin.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' "
+                        "LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        sink = open_sink(f"{postgres_server.rpartition('/')[0]}/{name}")
+        with pytest.raises(StorageSchemaError, match=r"encoded LATIN1; .* needs a UTF8 database"):
+            await sink.start()
+        await sink.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()

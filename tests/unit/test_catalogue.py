@@ -222,6 +222,9 @@ def _props(**props) -> dict:
     (_props(_offset={"type": "integer"}), {},
      "field '_offset' makes the column '_offset', which is already a metadata column"),
     (_props(_extra={}), {}, "which is already the column of unknown fields"),
+    (_props(**{f"f{i}": {} for i in range(1589)}), {},  # + 11 metadata + _extra
+     "the table would have 1601 columns (with the metadata columns); the stores keep at "
+     "most 1600"),
 ])
 def test_schemas_whose_table_cannot_be_created_are_refused_at_load(schema, extra, message):
     """Found by the gateway and `sluice check` alike, not by a worker failing to create the
@@ -235,6 +238,8 @@ def test_names_that_collide_only_in_a_mode_are_refused_only_in_it():
     assert parse_dataset({"id": "d", "schema": nested, "nested": "json"}, Limits())
     assert parse_dataset({"id": "d", "schema": _props(_extra={}), "unknown_fields": "drop"},
                          Limits())
+    wide = _props(**{f"f{i}": {} for i in range(1589)})
+    assert parse_dataset({"id": "d", "schema": wide, "unknown_fields": "drop"}, Limits())
 
 
 @pytest.mark.parametrize("field", ["item_key", "event_id"])

@@ -18,6 +18,7 @@ from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
     StorageBusy,
+    StorageSchemaError,
     WriteResult,
     check_columns,
     conflict_target,
@@ -146,10 +147,25 @@ class PostgresSink:
 
     async def start(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4,
-                                                   init=_init_connection)
+            pool = await asyncpg.create_pool(self.url, min_size=1, max_size=4,
+                                             init=_init_connection)
         except _BUSY as exc:
             raise _busy(exc) from exc
+        try:
+            encoding = await pool.fetchval("SELECT current_setting('server_encoding')")
+        except BaseException as exc:
+            pool.terminate()  # a start is retried: leave no pool behind
+            if isinstance(exc, _BUSY):
+                raise _busy(exc) from exc
+            raise
+        if encoding != "UTF8":
+            # any Unicode text is accepted: another encoding would refuse (for ever) each
+            # batch holding a character it lacks
+            await pool.close()
+            raise StorageSchemaError(
+                f"the database is encoded {encoding}; Sluice stores any Unicode text and "
+                "needs a UTF8 database (CREATE DATABASE ... ENCODING 'UTF8')")
+        self._pool = pool
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
