@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from schemas import records as r
-from schemas.columns import NUL_MESSAGE, may_hold_nul, nul_path
+from schemas.columns import INT64_MAX, NUL_MESSAGE, may_hold_nul, nul_path
 from schemas.structure import ShapeError, Structure
 from workers.rows import Origin, Row
 
@@ -32,15 +32,21 @@ class Decoded:
     dead: list[DeadLetter] = field(default_factory=list)
 
 
+_MAX_EPOCH_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time the stores keep
+
+
 def origin_of(record: Any) -> Origin:
     """The record's metadata from its headers; a record without headers is connector 'kafka'."""
     # NUL is valid UTF-8 but PostgreSQL keeps none in text: a header (any client's) with one
     # would fail the batch's write for ever
     headers = {k: v.decode("utf-8", "replace").replace("\x00", "\ufffd")
                for k, v in (record.headers or ())}
-    received = headers.get(r.H_RECEIVED_AT)
-    received_ms = int(received) if received and received.isdigit() else record.timestamp
-    part = headers.get(r.H_PART, "0/1").partition("/")[0]
+    # any client may write these headers: a value that is no time or part number falls back
+    # (one beyond the stores' ranges would fail the batch's write for ever)
+    received_ms = _decimal(headers.get(r.H_RECEIVED_AT), _MAX_EPOCH_MS)
+    if received_ms is None:
+        received_ms = min(max(record.timestamp, 0), _MAX_EPOCH_MS)
+    part = _decimal(headers.get(r.H_PART, "0/1").partition("/")[0], INT64_MAX) or 0
     return Origin(
         request_id=headers.get(r.H_REQUEST_ID),
         connector=headers.get(r.H_CONNECTOR) or r.KAFKA_CONNECTOR,
@@ -48,11 +54,20 @@ def origin_of(record: Any) -> Origin:
         session_id=headers.get(r.H_SESSION_ID),
         sync_id=headers.get(r.H_SYNC_ID),
         idempotency_key=headers.get(r.H_IDEMPOTENCY_KEY),
-        part=int(part) if part.isdigit() else 0,
+        part=part,
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
     )
+
+
+def _decimal(text: str | None, high: int) -> int | None:
+    """A header's ASCII decimal number from 0 to ``high``, else None (str.isdigit alone also
+    takes digits int() refuses, such as "²")."""
+    if not text or not text.isascii() or not text.isdigit() or len(text) > 19:
+        return None
+    number = int(text)
+    return number if number <= high else None
 
 
 def decode(record: Any, structure: Structure, out: Decoded) -> tuple[Origin, int]:

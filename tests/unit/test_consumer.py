@@ -16,6 +16,7 @@ from schemas import records as r
 from schemas.dataset import Limits, parse_dataset
 from schemas.structure import Structure
 from workers.consumer import Worker, _Abandoned, _collector_paused
+from workers.decode import origin_of
 from workers.sinks import StorageBusy, StorageSchemaError, WriteResult
 
 
@@ -191,3 +192,20 @@ async def test_catalogue_reloads_outlive_a_reload_that_fails_unexpectedly(caplog
     assert len(reloads) == 3
     failed = [r for r in caplog.records if "catalogue reload failed" in r.getMessage()]
     assert len(failed) == 1 and failed[0].exc_info[0] is RuntimeError
+
+
+@pytest.mark.parametrize("received, part, expected_ms, expected_part", [
+    (b"1790000000000", b"2/3", 1_790_000_000_000, 2),
+    (b"99999999999999999999", b"99999999999999999999/1", 1_700_000_000_000, 0),  # too large
+    ("\u00b2".encode(), "\u00b2/3".encode(), 1_700_000_000_000, 0),  # isdigit(), not int()
+    (b"-5", b"x/2", 1_700_000_000_000, 0),
+])
+def test_headers_any_client_writes_never_stop_a_worker(received, part, expected_ms,
+                                                      expected_part):
+    """Beyond the stores' ranges they failed the batch's write for ever; digits int() refuses
+    stopped the worker at once. They fall back to the record's time and part 0."""
+    record = ConsumerRecord("ingest.a", 0, 7, 1_700_000_000_000, 0, None, b"{}", None, 0, 0,
+                            [(r.H_RECEIVED_AT, received), (r.H_PART, part)])
+    origin = origin_of(record)
+    assert origin.received_at.timestamp() * 1000 == pytest.approx(expected_ms)
+    assert origin.part == expected_part
