@@ -14,13 +14,15 @@ from datetime import date, datetime
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from aiokafka.structs import ConsumerRecord
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from schemas.columns import INT64_MAX, INT64_MIN
 from schemas.dataset import Limits, parse_dataset
 from schemas.structure import Structure
 from schemas.validation import validate
+from workers.decode import Decoded, decode
 
 SCHEMA = {"type": "object", "properties": {
     "n": {"type": "integer"},
@@ -91,5 +93,43 @@ def test_every_item_the_gateway_accepts_becomes_a_storable_row(options):
             assert all(storable(v) for v in row), (item, row)
             key = dataset.item_key or dataset.event_id
             assert key is None or row[structure.data_names.index(key)] is not None
+
+    check()
+
+
+# Any JSON at all, as a Kafka-native producer may write it: no gateway checked it. Values at
+# the edges of what the stores and Python's datetime keep are drawn often.
+EDGES = st.sampled_from([2**63, -(2**63) - 1, 2**64 - 1, 10**20, -(10**20), 1e300, -1e300,
+                         253_402_300_800, -62_135_596_801, 10**16, 0.5, "", "\x00", "1e3",
+                         "0000-01-01", "9999-12-31T23:59:59-01:00", "true", " 12 "])
+NAMES = st.sampled_from([*SCHEMA["properties"], "lat", "deep", "z", "other"])  # and nested
+LEAVES = st.none() | st.booleans() | NUMBERS | st.text() | DATE_TIMES | DATES | EDGES
+ANY_JSON = st.recursive(
+    LEAVES,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(NAMES | st.text(), inner,
+                                                                max_size=4),
+    max_leaves=10)
+ANY_ITEM = st.fixed_dictionaries({}, optional={  # each column's name half the time
+    name: EDGES | LEAVES | ANY_JSON for name in [*SCHEMA["properties"], "other"]})
+
+
+@pytest.mark.parametrize("options", [{"nested": "columns"}, {"item_key": "key"}])
+def test_no_record_value_stops_a_worker(options):
+    """Whatever a record holds, decoding it yields storable rows and dead letters: nothing
+    else (an exception here would stop the worker at this record, every time it is read)."""
+    dataset = parse_dataset({"id": "every", "schema": SCHEMA, **options}, Limits())
+    structure = Structure(dataset)
+
+    @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(ANY_ITEM | ANY_JSON, max_size=3) | ANY_ITEM)
+    @example({"n": 1, "at": 10**20})  # each once stopped a worker
+    @example([{"key": None, "n": 1}, {"n": 2**63}, {"text": "\x00", "n": 1}])
+    def check(value):
+        record = ConsumerRecord("ingest.every", 0, 0, 1_700_000_000_000, 0, None,
+                                json.dumps(value).encode(), None, 0, 0, [])
+        out = Decoded()
+        decode(record, structure, out)
+        for row in out.rows:
+            assert all(storable(v) for v in row.values), row.values
 
     check()
