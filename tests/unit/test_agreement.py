@@ -4,7 +4,8 @@ Items with every column kind, their values drawn from everything JSON and the sc
 formats allow (integers past 64 bits, RFC 3339 date-times of any year, offset, case and leap
 second, any text), are sent as a JSON body; every item the gateway's validation accepts must
 shape into a row both stores keep. A disagreement means a 202 and then a dead letter, or a
-worker that stops at the item: the producer must hear it at the edge instead.
+worker that stops at the item: the producer must hear it at the edge instead. And whatever a
+record written straight to Kafka holds, decoding it yields such rows and dead letters only.
 """
 
 from __future__ import annotations
