@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from schemas.catalogue import CatalogueError, load_catalogue
-from schemas.columns import store_bounded
+from schemas.columns import accepts_null, store_bounded
 from schemas.dataset import DatasetError, Limits, parse_dataset
 from schemas.keys import hash_key, new_key
 from schemas.validation import validate
@@ -249,3 +249,12 @@ def test_an_identifying_field_must_not_be_null_even_where_the_schema_allows_it(f
     assert invalid_paths(dataset, [{"k": "a", "note": None}, {"k": None}, {"note": "x"}]) == [
         (1, "$.k", "must not be null: it identifies the item"),
         (2, "$", '"k" is a required property')]
+
+
+@pytest.mark.parametrize("prop, nullable", [
+    ({}, True), ({"type": "null"}, True), ({"type": ["string", "null"]}, True),
+    ({"enum": ["a", None]}, True), ({"type": "string"}, False), ({"enum": ["a", "b"]}, False),
+    ({"type": ["string", "integer"]}, False),
+])
+def test_which_properties_allow_null(prop, nullable):
+    assert accepts_null(prop) is nullable
