@@ -63,8 +63,11 @@ class BatchOutcome:
                 self.sessions[session_id][o.WRITTEN] += took
                 self.sessions[session_id][o.DUPLICATES] += count - took
 
-    def failed(self, dataset: str, letter: DeadLetter) -> None:
-        self.letters.append(letter)
+    def failed(self, dataset: str, letter: DeadLetter, sent: bool = False) -> None:
+        """One event dead-lettered: counted, and sent with the batch's letters unless
+        ``sent`` already."""
+        if not sent:
+            self.letters.append(letter)
         origin = letter.origin
         connector = origin.connector if origin else o.KAFKA_CONNECTOR
         self.stats[(dataset, connector)][o.FAILED] += 1

@@ -19,21 +19,30 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from redis.exceptions import RedisError
 
 from schemas import metrics, redis_client
 from schemas import outcomes as o
+from schemas import records as r
 from schemas.catalogue import CatalogueError, definition_files, load_catalogue
 from schemas.periodic import Periodic
 from schemas.structure import Structure
 from workers.accounting import BatchOutcome
 from workers.config import WorkerSettings
-from workers.decode import Decoded, decode
+from workers.decode import DeadLetter, Decoded, decode
 from workers.dlq import DeadLetters
 from workers.rows import reduce_latest
-from workers.sinks import Sink, StorageBusy, StorageSchemaError, WriteResult, open_sink
+from workers.sinks import (
+    Sink,
+    StorageBusy,
+    StorageRefused,
+    StorageSchemaError,
+    WriteResult,
+    open_sink,
+)
 
 log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
@@ -155,7 +164,7 @@ class Worker:
                 max_records=self.settings.batch_size - len(batch))
             for records in fetched.values():
                 batch.extend(records)
-                size += sum(len(r.value) for r in records if r.value is not None)
+                size += sum(len(rec.value) for rec in records if rec.value is not None)
         return batch
 
     async def _handle(self, batch: list) -> None:
@@ -235,18 +244,57 @@ class Worker:
             outcome.received(structure.dataset.id, origin, events)
         for topic, decoded in per_dataset.items():
             structure = self.structures[topic]
-            latest, superseded = reduce_latest(structure, decoded.rows)
-            if latest:
-                result = await self._retried(batch, self._write, structure, latest)
+            rows = decoded.rows
+            while True:
+                latest, superseded = reduce_latest(structure, rows)
+                if not latest:
+                    break
+                try:
+                    result = await self._retried(batch, self._write, structure, latest)
+                except StorageRefused as exc:
+                    # the same rows would be refused again, for ever: the ones refused alone
+                    # are dead-lettered and the rest written (older writes of their item keys
+                    # included, which the refused rows no longer supersede). The letters go
+                    # out first: once the rest is written, a redelivery skips the refused
+                    # rows' records and would not find them again.
+                    refused = await self._refused(batch, structure, latest, exc)
+                    await self._retried(batch, self.dlq.send, list(refused.values()))
+                    for letter in refused.values():
+                        outcome.failed(structure.dataset.id, letter, sent=True)
+                    rows = [row for row in rows if id(row) not in refused]
+                    continue
                 # superseded rows lost only to a newer write in the same batch: they count
                 # as written, as they would have been one statement at a time
                 written = result.written.copy()
                 for row in superseded:
                     written[row.origin.request_id] += 1
                 outcome.stored(structure.dataset.id, latest + superseded, written)
+                break
             for letter in decoded.dead:
                 outcome.failed(structure.dataset.id, letter)
         return outcome
+
+    async def _refused(self, batch: list, structure: Structure, rows: list,
+                       exc: StorageRefused) -> dict[int, DeadLetter]:
+        """Dead letters (STORE_REFUSED) of the rows the store refuses on their own, by the
+        row's id; StorageRefused again when it refuses none alone (then only together, which
+        needs a person: the worker stops)."""
+        why = await self._retried(batch, self.sink.refusals, structure, rows)
+        records = {(rec.topic, rec.partition, rec.offset): rec for rec in batch}
+        letters = {}
+        for row, reason in zip(rows, why, strict=True):
+            if reason is not None:
+                origin = row.origin
+                record = records[(origin.topic, origin.partition, origin.offset)]
+                event = r.decode_value(record.value)[row.index]
+                letters[id(row)] = DeadLetter(
+                    record, orjson.dumps(event), "STORE_REFUSED",
+                    f"the store refused the event: {reason}", row.index, origin)
+        if not letters:
+            raise exc
+        log.warning("the store refused %d of %d rows of dataset %s (%s); they go to the "
+                    "dead-letter topic", len(letters), len(rows), structure.dataset.id, exc)
+        return letters
 
     async def _write(self, structure: Structure, rows: list) -> WriteResult:
         started = time.perf_counter()

@@ -14,10 +14,13 @@ import pytest
 import yaml
 
 from schemas import records as r
+from schemas.dataset import Limits, parse_dataset
+from schemas.structure import Structure
 from tests.integration.test_push import ITEMS
 from tests.services import consume_all, create_topics, produce
 from workers.config import WorkerSettings
 from workers.consumer import Worker
+from workers.sinks import open_sink
 from workers.sinks.sqlite import path_of
 
 pytestmark = pytest.mark.integration
@@ -318,6 +321,83 @@ async def test_an_item_without_its_key_is_dead_lettered_and_the_partition_flows(
     assert [(dict(d.headers)[r.H_ERROR], d.value) for d in dead] == [
         (b"$.k: is required", b'{"k":null,"note":"x"}'), (b"$.k: is required", b'{"note":"y"}')]
     running.task.result()
+
+
+async def test_an_item_whose_newest_write_the_store_refuses_keeps_the_one_before(
+        gateway, storage_url):
+    """In an item-key dataset the newest write of an item in a batch supersedes the older
+    ones; refused, it no longer does, and the older write is stored."""
+    topic = f"ingest.guarded.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    await _guarded(gateway, storage_url, topic, "item_key: k\n")
+    for value in (b'{"k": "a", "n": 1}', b'{"k": "a", "n": 500}', b'{"k": "b", "n": 2}'):
+        await produce(gateway.bootstrap, topic, value)
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "guarded"), 2), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT k, n FROM guarded ORDER BY k") == [("a", 1),
+                                                                                ("b", 2)]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    assert [(dict(d.headers)[r.H_ERROR_CODE], d.value) for d in dead] == [
+        (b"STORE_REFUSED", b'{"k":"a","n":500}')]
+    running.task.result()
+
+
+async def _guarded(gateway, storage_url: str, topic: str, extra: str = "") -> None:
+    """Dataset ``guarded`` (n, and k), its table made, and a constraint added to it as an
+    operator would: n below 100."""
+    definition = (f"id: guarded\nentry_topic: {topic}\n{extra}"
+                  "schema: {type: object, properties: {n: {type: integer}, k: {type: string}}}\n")
+    (gateway.settings.catalogue_dir / "guarded.yaml").write_text(definition)
+    sink = open_sink(storage_url)
+    await sink.start()
+    await sink.prepare(Structure(parse_dataset(yaml.safe_load(definition), Limits())))
+    await sink.close()
+    await execute(storage_url, *(
+        ["CREATE TRIGGER small BEFORE INSERT ON guarded WHEN NEW.n >= 100 "
+         "BEGIN SELECT RAISE(ABORT, 'n must be below 100'); END",
+         "CREATE TRIGGER small_update BEFORE UPDATE ON guarded WHEN NEW.n >= 100 "
+         "BEGIN SELECT RAISE(ABORT, 'n must be below 100'); END"]
+        if storage_url.startswith("sqlite") else
+        ["ALTER TABLE guarded ADD CONSTRAINT small CHECK (n < 100)"]))
+
+
+async def test_rows_the_store_refuses_are_dead_lettered_and_the_partition_flows(
+        gateway, storage_url):
+    """A constraint an operator added to the table (here n < 100), or any row the store will
+    not keep: the batch's write failed the same way at every retry and the worker stopped,
+    its replacement too. Now the rows refused alone go to the dead-letter topic, the rest of
+    the batch (the refused event's own record included) is stored, exactly once."""
+    topic = f"ingest.guarded.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    await _guarded(gateway, storage_url, topic)
+    await produce(gateway.bootstrap, topic, b'[{"n": 1}, {"n": 500}, {"n": 2}]')
+    await produce(gateway.bootstrap, topic, b'[{"n": 3}, {"n": 700}]')
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "guarded"), 3), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT n FROM guarded ORDER BY n") == [(1,), (2,), (3,)]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    assert [(dict(d.headers)[r.H_ERROR_CODE], d.value, dict(d.headers)[r.H_SOURCE_INDEX])
+            for d in dead] == [(b"STORE_REFUSED", b'{"n":500}', b"1"),
+                               (b"STORE_REFUSED", b'{"n":700}', b"1")]
+    assert all(b"small" in dict(d.headers)[r.H_ERROR] or b"below 100" in dict(d.headers)[
+        r.H_ERROR] for d in dead)
+    running.task.result()
+
+
+async def execute(storage_url: str, *statements: str) -> None:
+    if storage_url.startswith("sqlite"):
+        with sqlite3.connect(path_of(storage_url)) as conn:
+            for sql in statements:
+                conn.execute(sql)
+        return
+    conn = await asyncpg.connect(storage_url)
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
 
 
 async def test_the_nul_character_is_dead_lettered_and_the_partition_flows(gateway,

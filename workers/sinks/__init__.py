@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from workers.sinks.base import Sink, StorageBusy, StorageSchemaError, WriteResult
+from workers.sinks.base import (
+    Sink,
+    StorageBusy,
+    StorageRefused,
+    StorageSchemaError,
+    WriteResult,
+)
 
 
 def open_sink(url: str) -> Sink:
@@ -17,4 +23,5 @@ def open_sink(url: str) -> Sink:
     raise ValueError(f"STORAGE_URL {url!r}: use sqlite:///path or postgresql://...")
 
 
-__all__ = ["Sink", "StorageBusy", "StorageSchemaError", "WriteResult", "open_sink"]
+__all__ = ["Sink", "StorageBusy", "StorageRefused", "StorageSchemaError", "WriteResult",
+           "open_sink"]

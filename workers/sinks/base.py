@@ -19,6 +19,12 @@ class StorageBusy(RuntimeError):
     refused connection): nothing of it was committed, and the same batch may be retried."""
 
 
+class StorageRefused(RuntimeError):
+    """The store refused rows for what they hold (a constraint or trigger of the table, a
+    value or a row it cannot keep): retrying them fails the same way. The worker then finds
+    the refused rows (Sink.refusals) and dead-letters them, so the partition flows."""
+
+
 @dataclass
 class WriteResult:
     """Rows that changed the table, per request id (None: records without one)."""
@@ -39,6 +45,10 @@ class Sink(Protocol):
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
         """Write rows in one transaction, exactly once in effect: a record's rows all in one
         call, each partition's records in offset order (see fence.py)."""
+
+    async def refusals(self, structure: Structure, rows: list[Row]) -> list[str | None]:
+        """Why the store would refuse each row written alone (None: it would not); nothing
+        is written. The failure path of a write that raised StorageRefused."""
 
     async def close(self) -> None: ...
 

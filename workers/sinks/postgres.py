@@ -18,6 +18,7 @@ from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
     StorageBusy,
+    StorageRefused,
     StorageSchemaError,
     WriteResult,
     check_columns,
@@ -72,8 +73,18 @@ _BUSY = (asyncpg.TransactionRollbackError, asyncpg.PostgresConnectionError,
          asyncpg.ConnectionDoesNotExistError, asyncpg.OperatorInterventionError)
 
 
+# SQL states 22 (data exception), 23 (integrity constraint violation), 54 (program limit
+# exceeded: a row too big): what a row holds, not the store's state
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+            asyncpg.ProgramLimitExceededError)
+
+
 def _busy(exc: Exception) -> StorageBusy:
     return StorageBusy(f"{type(exc).__name__}: {exc}")
+
+
+class _Probed(Exception):
+    """Rolls back a probe's transaction after its write went through."""
 
 
 def pg_type(kind: str) -> str:
@@ -178,6 +189,8 @@ class PostgresSink:
                 yield conn
         except _BUSY as exc:
             raise _busy(exc) from exc
+        except _REFUSED as exc:
+            raise StorageRefused(f"{type(exc).__name__}: {exc}") from exc
         except asyncpg.InterfaceError as exc:
             # A connection lost inside the block: asyncpg's Transaction.__aexit__ finds it
             # closed and raises InterfaceError in place of the loss, which is its context.
@@ -239,19 +252,36 @@ class PostgresSink:
                 "SELECT _request_id, count(*) AS n FROM merged GROUP BY _request_id")
 
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
-        table = structure.dataset.id
-        sql, names = self._sql[table]
         if not rows:
             return WriteResult()
         async with self._transaction() as conn:
-            if sql is None:
-                return WriteResult(await _append(conn, table, names, rows))
-            await conn.execute(f"CREATE TEMP TABLE {_STAGE} (LIKE {quote(table)}) "
-                               "ON COMMIT DROP")
-            await conn.copy_records_to_table(
-                _STAGE, records=table_rows(rows, runs(rows), timestamptz_to_pg), columns=names)
-            returned = await conn.fetch(sql)
+            return await self._write_in(conn, structure, rows)
+
+    async def _write_in(self, conn: asyncpg.Connection, structure: Structure,
+                        rows: list[Row]) -> WriteResult:
+        table = structure.dataset.id
+        sql, names = self._sql[table]
+        if sql is None:
+            return WriteResult(await _append(conn, table, names, rows))
+        await conn.execute(f"CREATE TEMP TABLE {_STAGE} (LIKE {quote(table)}) "
+                           "ON COMMIT DROP")
+        await conn.copy_records_to_table(
+            _STAGE, records=table_rows(rows, runs(rows), timestamptz_to_pg), columns=names)
+        returned = await conn.fetch(sql)
         return WriteResult(Counter({r["_request_id"]: r["n"] for r in returned}))
+
+    async def refusals(self, structure: Structure, rows: list[Row]) -> list[str | None]:
+        out: list[str | None] = []
+        for row in rows:  # each alone, in a transaction rolled back
+            try:
+                async with self._transaction() as conn:
+                    await self._write_in(conn, structure, [row])
+                    raise _Probed
+            except _Probed:
+                out.append(None)
+            except StorageRefused as exc:
+                out.append(str(exc))
+        return out
 
 
 async def _append(conn: asyncpg.Connection, table: str, names: list[str],

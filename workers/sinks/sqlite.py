@@ -23,6 +23,7 @@ from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
     StorageBusy,
+    StorageRefused,
     StorageSchemaError,
     WriteResult,
     check_columns,
@@ -31,6 +32,13 @@ from workers.sinks.base import (
     legacy_idempotency_index_sql,
     quote,
 )
+
+_REFUSED = (sqlite3.IntegrityError, sqlite3.DataError)
+
+
+class _Probed(Exception):
+    """Rolls back a probe's transaction after its write went through."""
+
 
 _TYPES = {"text": "TEXT", "integer": "INTEGER", "number": "REAL", "boolean": "INTEGER",
           "timestamp": "TEXT", "date": "TEXT", "json": "TEXT"}
@@ -98,6 +106,8 @@ class SqliteSink:
             if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise StorageBusy(str(exc)) from exc
             raise
+        except _REFUSED as exc:  # a constraint or trigger of the table, a value too big
+            raise StorageRefused(f"{type(exc).__name__}: {exc}") from exc
 
     async def start(self) -> None:
         def connect() -> sqlite3.Connection:
@@ -175,25 +185,45 @@ class SqliteSink:
 
     def _write(self, structure: Structure, rows: list[Row]) -> WriteResult:
         assert self._conn is not None
+        with self._conn:  # one transaction: committed, or rolled back on an error
+            return self._write_in(structure, rows)
+
+    def _write_in(self, structure: Structure, rows: list[Row]) -> WriteResult:
+        assert self._conn is not None
         table = structure.dataset.id
         sql, fenced = self._sql[table]
         if fenced:
-            with self._conn:
-                return WriteResult(fence.written(self._append(table, sql, rows)))
+            return WriteResult(fence.written(self._append(table, sql, rows)))
         by_request: dict[str | None, list[tuple]] = {}
         for run in runs(rows):
             by_request.setdefault(run.origin.request_id, []).extend(
                 table_rows(rows, (run,), timestamp_text))
         written: Counter = Counter()
         conn = self._conn
-        with conn:
-            for request_id, values in by_request.items():
-                # rows that took: inserted or replaced (a skipped conflict changes nothing)
-                before = conn.total_changes
-                conn.executemany(sql, values)
-                if conn.total_changes > before:
-                    written[request_id] += conn.total_changes - before
+        for request_id, values in by_request.items():
+            # rows that took: inserted or replaced (a skipped conflict changes nothing)
+            before = conn.total_changes
+            conn.executemany(sql, values)
+            if conn.total_changes > before:
+                written[request_id] += conn.total_changes - before
         return WriteResult(written)
+
+    async def refusals(self, structure: Structure, rows: list[Row]) -> list[str | None]:
+        return await self._run(self._refusals, structure, rows)
+
+    def _refusals(self, structure: Structure, rows: list[Row]) -> list[str | None]:
+        assert self._conn is not None
+        out: list[str | None] = []
+        for row in rows:  # each alone, in a transaction rolled back
+            try:
+                with self._conn:
+                    self._write_in(structure, [row])
+                    raise _Probed
+            except _Probed:
+                out.append(None)
+            except _REFUSED as exc:
+                out.append(f"{type(exc).__name__}: {exc}")
+        return out
 
     def _append(self, table: str, sql: str, rows: list[Row]) -> list[fence.Run]:
         """Insert the rows not stored yet, behind the offset fences; the records inserted."""
