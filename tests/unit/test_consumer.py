@@ -17,7 +17,7 @@ from schemas.dataset import Limits, parse_dataset
 from schemas.structure import Structure
 from workers.consumer import Worker, _Abandoned, _collector_paused
 from workers.decode import origin_of
-from workers.sinks import StorageBusy, StorageSchemaError, WriteResult
+from workers.sinks import StorageBusy, StorageRefused, StorageSchemaError, WriteResult
 
 
 async def test_the_collector_is_on_while_a_retry_waits_and_paused_again_after():
@@ -58,14 +58,14 @@ class _FlakySink:
 
     def __init__(self, refusal: Exception | None = None, refused_table: str = "",
                  refusals: int = 1):
-        self.refusal, self.refused_table, self.refusals = refusal, refused_table, refusals
+        self.refusal, self.refused_table, self.left = refusal, refused_table, refusals
         self.writes: list[tuple[str, int]] = []  # (table, rows) of each attempt
 
     async def write(self, structure, rows):
         table = structure.dataset.id
         self.writes.append((table, len(rows)))
-        if table == self.refused_table and self.refusals:
-            self.refusals -= 1
+        if table == self.refused_table and self.left:
+            self.left -= 1
             raise self.refusal
         return WriteResult(Counter(row.origin.request_id for row in rows))
 
@@ -209,3 +209,37 @@ def test_headers_any_client_writes_never_stop_a_worker(received, part, expected_
     origin = origin_of(record)
     assert origin.received_at.timestamp() * 1000 == pytest.approx(expected_ms)
     assert origin.part == expected_part
+
+
+async def test_rows_the_store_refuses_are_dead_lettered_before_the_rest_is_written():
+    """Once the rest of a batch is written, a redelivery skips its records behind the offset
+    fences and would never meet the refused rows again: their letters go out first."""
+    steps: list[tuple[str, object]] = []
+
+    class Refusing(_FlakySink):  # refuses the event n = 2 wherever it is
+        async def write(self, structure, rows):
+            steps.append(("write", [row.values[0] for row in rows]))
+            if any(row.values[0] == 2 for row in rows):
+                raise StorageRefused("CheckViolationError: n < 2")
+            return WriteResult(Counter(row.origin.request_id for row in rows))
+
+        async def refusals(self, structure, rows):
+            return ["CheckViolationError: n < 2" if row.values[0] == 2 else None
+                    for row in rows]
+
+    class Recorded(_Letters):
+        async def send(self, letters):
+            steps.append(("letters", [(x.code, x.value) for x in letters]))
+
+    loop = _BatchLoop(Refusing(), Recorded())
+    await loop._handle(_batch())
+    assert steps == [
+        ("write", [1, 2, 3]),
+        ("letters", [("STORE_REFUSED", b'{"n":2}')]),  # before the rest is written
+        ("write", [1, 3]),
+        ("write", [4]),
+        ("letters", [("SHAPE_FAILED", b'{"x":5}')]),  # the batch's other letters, after
+    ]
+    assert loop.accounted == [{"a": {"written": 2, "failed": 1}, "b": {"written": 1,
+                                                                       "failed": 1}}]
+    assert loop.committed == [4]
