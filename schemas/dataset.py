@@ -64,6 +64,11 @@ class Dataset:
     validate_array: Any = field(repr=False)  # the same for a whole array, in one call
 
     @property
+    def identifying(self) -> tuple[str, ...]:
+        """The fields that identify an item (item key, event id): required, never null."""
+        return _identifying(self.item_key, self.event_id)
+
+    @property
     def fields(self) -> list[dict[str, Any]]:
         """Top-level fields with their JSON types, for catalogue listings."""
         required = set(self.schema.get("required", ()))
@@ -94,7 +99,7 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
         check_column_names(schema, nested == "json", keep_unknown=unknown_fields == "keep")
     except ValueError as exc:
         raise DatasetError(f"schema: {exc}") from None
-    identifying = tuple(f for f in (item_key, event_id) if f)
+    identifying = _identifying(item_key, event_id)
     checked = store_bounded(_with_required(schema, list(identifying)),
                             nested_json=nested == "json", identifying=identifying)
     try:
@@ -121,6 +126,10 @@ def parse_dataset(raw: Any, limits: Limits) -> Dataset:
         validate_item=validate_item,
         validate_array=validate_array,
     )
+
+
+def _identifying(item_key: str | None, event_id: str | None) -> tuple[str, ...]:
+    return tuple(f for f in (item_key, event_id) if f)
 
 
 def compile_schema(schema: dict) -> Any:

@@ -47,8 +47,7 @@ class Structure:
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
         self.keep_unknown = dataset.unknown_fields == "keep"
-        identifying = tuple(f for f in (dataset.item_key, dataset.event_id) if f)
-        self.columns = _plan(dataset.schema, dataset.nested == "json", identifying)
+        self.columns = _plan(dataset.schema, dataset.nested == "json", dataset.identifying)
         self._known_top = frozenset(dataset.schema.get("properties", {}))
         # per column: top-level name (or None for a nested path), path, coercion, required,
         # default; the top-level case skips the path walk

@@ -281,12 +281,16 @@ class Worker:
         needs a person: the worker stops)."""
         why = await self._retried(batch, self.sink.refusals, structure, rows)
         records = {(rec.topic, rec.partition, rec.offset): rec for rec in batch}
+        events: dict[tuple, list] = {}  # of the records holding refused rows, decoded once
         letters = {}
         for row, reason in zip(rows, why, strict=True):
             if reason is not None:
                 origin = row.origin
-                record = records[(origin.topic, origin.partition, origin.offset)]
-                event = r.decode_value(record.value)[row.index]
+                where = (origin.topic, origin.partition, origin.offset)
+                record = records[where]
+                if where not in events:
+                    events[where] = r.decode_value(record.value)
+                event = events[where][row.index]
                 letters[id(row)] = DeadLetter(
                     record, orjson.dumps(event), "STORE_REFUSED",
                     f"the store refused the event: {reason}", row.index, origin)

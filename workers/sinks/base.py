@@ -25,6 +25,16 @@ class StorageRefused(RuntimeError):
     the refused rows (Sink.refusals) and dead-letters them, so the partition flows."""
 
 
+class Probed(Exception):
+    """Raised inside a probe's transaction (Sink.refusals) to roll back a write that went
+    through."""
+
+
+def described(exc: BaseException) -> str:
+    """A store's error as the sinks report it: its type and message."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 @dataclass
 class WriteResult:
     """Rows that changed the table, per request id (None: records without one)."""

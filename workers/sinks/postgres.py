@@ -17,6 +17,7 @@ from workers.rows import Row, runs, table_columns, table_rows
 from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
+    Probed,
     StorageBusy,
     StorageRefused,
     StorageSchemaError,
@@ -24,6 +25,7 @@ from workers.sinks.base import (
     check_columns,
     conflict_target,
     create_table_sql,
+    described,
     legacy_idempotency_index_sql,
     quote,
 )
@@ -80,11 +82,7 @@ _REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
 
 
 def _busy(exc: Exception) -> StorageBusy:
-    return StorageBusy(f"{type(exc).__name__}: {exc}")
-
-
-class _Probed(Exception):
-    """Rolls back a probe's transaction after its write went through."""
+    return StorageBusy(described(exc))
 
 
 def pg_type(kind: str) -> str:
@@ -190,7 +188,7 @@ class PostgresSink:
         except _BUSY as exc:
             raise _busy(exc) from exc
         except _REFUSED as exc:
-            raise StorageRefused(f"{type(exc).__name__}: {exc}") from exc
+            raise StorageRefused(described(exc)) from exc
         except asyncpg.InterfaceError as exc:
             # A connection lost inside the block: asyncpg's Transaction.__aexit__ finds it
             # closed and raises InterfaceError in place of the loss, which is its context.
@@ -276,8 +274,8 @@ class PostgresSink:
             try:
                 async with self._transaction() as conn:
                     await self._write_in(conn, structure, [row])
-                    raise _Probed
-            except _Probed:
+                    raise Probed
+            except Probed:
                 out.append(None)
             except StorageRefused as exc:
                 out.append(str(exc))

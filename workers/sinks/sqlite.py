@@ -22,6 +22,7 @@ from workers.rows import Row, runs, table_columns, table_rows
 from workers.sinks import fence
 from workers.sinks.base import (
     LEGACY_APPEND_KEY,
+    Probed,
     StorageBusy,
     StorageRefused,
     StorageSchemaError,
@@ -29,15 +30,12 @@ from workers.sinks.base import (
     check_columns,
     conflict_target,
     create_table_sql,
+    described,
     legacy_idempotency_index_sql,
     quote,
 )
 
 _REFUSED = (sqlite3.IntegrityError, sqlite3.DataError)
-
-
-class _Probed(Exception):
-    """Rolls back a probe's transaction after its write went through."""
 
 
 _TYPES = {"text": "TEXT", "integer": "INTEGER", "number": "REAL", "boolean": "INTEGER",
@@ -107,7 +105,7 @@ class SqliteSink:
                 raise StorageBusy(str(exc)) from exc
             raise
         except _REFUSED as exc:  # a constraint or trigger of the table, a value too big
-            raise StorageRefused(f"{type(exc).__name__}: {exc}") from exc
+            raise StorageRefused(described(exc)) from exc
 
     async def start(self) -> None:
         def connect() -> sqlite3.Connection:
@@ -218,11 +216,11 @@ class SqliteSink:
             try:
                 with self._conn:
                     self._write_in(structure, [row])
-                    raise _Probed
-            except _Probed:
+                    raise Probed
+            except Probed:
                 out.append(None)
             except _REFUSED as exc:
-                out.append(f"{type(exc).__name__}: {exc}")
+                out.append(described(exc))
         return out
 
     def _append(self, table: str, sql: str, rows: list[Row]) -> list[fence.Run]:
