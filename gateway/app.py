@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.accounting import Accountant
 from gateway.admission import Admitter
 from gateway.config import Settings
-from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
+from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound
 from gateway.ingest import Ingestor
 from gateway.publisher import Publisher
 from gateway.routes import datasets, events, health, ingestions, stats
@@ -42,11 +42,11 @@ def request_id(request: web.Request) -> str:
     return "req_" + secrets.token_hex(12)
 
 
-def problem(error: ApiError, rid: str, path: str) -> web.Response:
+def problem(error: ApiError, rid: str, path: str | None) -> web.Response:
     response = web.Response(status=error.status, body=orjson.dumps(error.body(rid, path)),
                             content_type=PROBLEM_JSON, headers=error.headers)
-    if isinstance(error, PayloadTooLarge):
-        response.force_close()  # do not drain a body we refused to read
+    if error.closes:
+        response.force_close()
     return response
 
 

@@ -66,6 +66,8 @@ VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                           "producer compression codec"),
     "KAFKA_PUBLISH_TIMEOUT_S": ("kafka_publish_timeout_s", "10", float_min(0.1),
                                 "time for acks=all on every record of a request before 503"),
+    "SLUICE_BODY_TIMEOUT_S": ("body_timeout_s", "60", float_min(0.1),
+                              "time for a request's whole body to arrive after its headers; past it 408 and the connection is closed"),
     "SLUICE_MAX_REQUEST_BYTES": ("max_request_bytes", "1048576", int_range(1),
                                  "default request body limit (datasets may override)"),
     "SLUICE_MAX_DECOMPRESSED_BYTES": ("max_decompressed_bytes", "8388608", int_range(1),
@@ -119,6 +121,7 @@ class Settings:
     kafka_max_record_bytes: int
     kafka_compression: str
     kafka_publish_timeout_s: float
+    body_timeout_s: float
     max_request_bytes: int
     max_decompressed_bytes: int
     rate_limit_rps: float

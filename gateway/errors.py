@@ -15,6 +15,8 @@ class ApiError(Exception):
     status: ClassVar[int] = 400
     code: ClassVar[str] = "INVALID_PAYLOAD"
     title: ClassVar[str] = "The request body is not valid"
+    # The answer closes the connection: what is left of the request on it cannot be read.
+    closes: ClassVar[bool] = False
 
     def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None,
                  **extra: Any):
@@ -23,8 +25,8 @@ class ApiError(Exception):
         self.headers = headers or {}
         self.extra = extra
 
-    def body(self, request_id: str, instance: str) -> dict[str, Any]:
-        return {
+    def body(self, request_id: str, instance: str | None) -> dict[str, Any]:
+        body = {
             "type": PROBLEM_TYPE_BASE + self.code.lower().replace("_", "-"),
             "title": self.title,
             "status": self.status,
@@ -34,6 +36,9 @@ class ApiError(Exception):
             "request_id": request_id,
             **self.extra,
         }
+        if instance is None:
+            del body["instance"]
+        return body
 
 
 class InvalidPayload(ApiError):
@@ -58,6 +63,15 @@ class EmptyPayload(ApiError):
 class InvalidHeader(ApiError):
     code = "INVALID_HEADER"
     title = "A request header has a value that cannot be used"
+
+
+class MalformedRequest(ApiError):
+    """The HTTP message itself could not be read (request line, a header, chunked framing);
+    answered before any route is chosen, on a connection that is then closed."""
+
+    code = "MALFORMED_REQUEST"
+    title = "The HTTP request is malformed"
+    closes = True
 
 
 class InvalidParameter(ApiError):
@@ -122,10 +136,25 @@ class SessionExpired(ApiError):
     title = "The ingestion session expired after its inactivity timeout"
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    code = "REQUEST_TIMEOUT"
+    title = "The request body did not arrive in time"
+    closes = True
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     code = "PAYLOAD_TOO_LARGE"
     title = "The request body exceeds the dataset's limit"
+    closes = True  # the rest of the body is not drained
+
+
+class HeaderTooLarge(ApiError):
+    status = 431
+    code = "HEADER_TOO_LARGE"
+    title = "The request line or a header field is longer than the server reads"
+    closes = True
 
 
 class DecompressedTooLarge(ApiError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from typing import Any, Protocol
 
@@ -13,6 +14,7 @@ from gateway.errors import (
     InvalidPayload,
     MalformedJson,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedEncoding,
     UnsupportedMediaType,
 )
@@ -22,6 +24,8 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applica
 
 
 class Stream(Protocol):
+    def is_eof(self) -> bool: ...
+
     async def readany(self) -> bytes: ...
 
 
@@ -53,8 +57,21 @@ def check_declared_length(content_length: int | None, limit: int) -> None:
                               limit=limit)
 
 
-async def read_limited(stream: Stream, limit: int) -> bytes:
-    """Read the whole body, stopping with 413 as soon as it passes ``limit`` bytes."""
+async def read_limited(stream: Stream, limit: int, timeout_s: float) -> bytes:
+    """Read the whole body, stopping with 413 as soon as it passes ``limit`` bytes, and with
+    408 when it has not all arrived ``timeout_s`` seconds after its headers did (a stalled
+    or vanished client would otherwise hold the request, and its buffer, for good)."""
+    if stream.is_eof():  # all of it has arrived already (most requests): nothing to wait for
+        return await _read(stream, limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read(stream, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s "
+                             "of its headers") from None
+
+
+async def _read(stream: Stream, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while chunk := await stream.readany():

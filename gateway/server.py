@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.app import SERVER_KWARGS, create_app
 from gateway.config import Settings
+from gateway.protocol import EdgeRunner
 from schemas.catalogue import Catalogue
 from schemas.runtime import supervise
 
@@ -32,7 +33,7 @@ async def serve_one(settings: Settings, catalogue: Catalogue | None = None) -> N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     app = create_app(settings, catalogue)
-    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout_s, **SERVER_KWARGS)
+    runner = EdgeRunner(app, shutdown_timeout=settings.shutdown_timeout_s, **SERVER_KWARGS)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=1024)
     await site.start()

@@ -78,7 +78,8 @@ async def _ingest(request: web.Request, state, principal, dataset, received_at_m
     gzipped = check_encoding(request.headers.get("Content-Encoding"))
     check_declared_length(request.content_length, dataset.max_request_bytes)
     token = idempotency_key(request)
-    body = await read_limited(request.content, dataset.max_request_bytes)
+    body = await read_limited(request.content, dataset.max_request_bytes,
+                              state.settings.body_timeout_s)
     outcome.bytes = len(body)
     return await state.ingestor.ingest(IngestRequest(
         dataset=dataset,

@@ -38,7 +38,8 @@ def _principal(request: web.Request) -> Principal:
 async def _control_body(request: web.Request) -> bytes:
     content_type(request)
     check_declared_length(request.content_length, CONTROL_MAX_BYTES)
-    return await read_limited(request.content, CONTROL_MAX_BYTES)
+    return await read_limited(request.content, CONTROL_MAX_BYTES,
+                              request.app[STATE].settings.body_timeout_s)
 
 
 async def create_session(request: web.Request) -> web.Response:
@@ -130,7 +131,7 @@ async def _chunk(request: web.Request, principal: Principal, dataset: Dataset,
     limit = sessions.chunk_limit(dataset)
     check_declared_length(request.content_length, limit)
     token = idempotency_key(request)
-    body = await read_limited(request.content, limit)
+    body = await read_limited(request.content, limit, state.settings.body_timeout_s)
     outcome.bytes = len(body)
     session_id = outcome.session_id
     return await state.ingestor.ingest(

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import SERVER_KWARGS, create_app
 from gateway.config import Settings
+from gateway.protocol import EdgeRunner
 from schemas.keys import hash_key, new_key
 from tests.services import consume_all, create_topics
 
@@ -25,6 +26,13 @@ SALES_SCHEMA = {
     },
     "required": ["region", "revenue"],
 }
+
+
+class EdgeTestServer(TestServer):
+    """aiohttp's test server with the production runner (gateway.protocol)."""
+
+    async def _make_runner(self, **kwargs):
+        return EdgeRunner(self.app, **kwargs)
 
 
 @dataclass
@@ -96,7 +104,7 @@ async def make_gateway(tmp_path, kafka, redis_url):
             "REDIS_TIMEOUT_S": "0.5",
             **env,
         })
-        server = TestServer(create_app(settings))
+        server = EdgeTestServer(create_app(settings))
         await server.start_server(**SERVER_KWARGS)  # as in production: no auto-decompression
         client = TestClient(server)
         await client.start_server()

@@ -13,7 +13,7 @@ import time
 import orjson
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
@@ -21,6 +21,7 @@ from gateway.app import SERVER_KWARGS, create_app
 from schemas import records as r
 from schemas import redis_keys
 from schemas.keys import hash_key, new_key
+from tests.integration.conftest import EdgeTestServer
 from tests.integration.test_push import assert_problem
 from tests.integration.test_workers import Running, count, rows, wait_for
 
@@ -386,7 +387,7 @@ async def _second_sales_key(gw) -> tuple[TestClient, str]:
         if name == "sales.yaml":
             doc["ingest_keys"].append({"id": "pos2", "sha256": hash_key(key)})
         (directory / name).write_text(yaml.safe_dump(doc))
-    server = TestServer(create_app(dataclasses.replace(gw.settings, catalogue_dir=directory)))
+    server = EdgeTestServer(create_app(dataclasses.replace(gw.settings, catalogue_dir=directory)))
     await server.start_server(**SERVER_KWARGS)
     client = TestClient(server)
     await client.start_server()

@@ -1,5 +1,6 @@
 """Body handling: limits, gzip inflation, JSON and NDJSON parsing."""
 
+import asyncio
 import gzip
 
 import pytest
@@ -10,6 +11,7 @@ from gateway.errors import (
     InvalidPayload,
     MalformedJson,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedEncoding,
     UnsupportedMediaType,
 )
@@ -24,10 +26,17 @@ from gateway.payload import (
 
 
 class Chunks:
-    def __init__(self, *chunks: bytes):
+    """A body whose chunks are all here, or that waits ``stall`` seconds before each."""
+
+    def __init__(self, *chunks: bytes, stall: float = 0.0):
         self.chunks = list(chunks)
+        self.stall = stall
+
+    def is_eof(self) -> bool:
+        return not self.stall
 
     async def readany(self) -> bytes:
+        await asyncio.sleep(self.stall)
         return self.chunks.pop(0) if self.chunks else b""
 
 
@@ -57,11 +66,19 @@ def test_declared_length_over_limit_is_refused_before_reading():
 
 
 async def test_read_limited_stops_as_soon_as_the_limit_is_passed():
-    assert await read_limited(Chunks(b"abc", b"de"), 5) == b"abcde"
+    assert await read_limited(Chunks(b"abc", b"de"), 5, 1.0) == b"abcde"
     stream = Chunks(b"abc", b"def", b"never read")
     with pytest.raises(PayloadTooLarge):
-        await read_limited(stream, 5)
+        await read_limited(stream, 5, 1.0)
     assert stream.chunks == [b"never read"]
+
+
+async def test_read_limited_gives_a_body_still_arriving_its_time_and_no_more():
+    assert await read_limited(Chunks(b"abc", b"de", stall=0.01), 5, 1.0) == b"abcde"
+    stream = Chunks(b"abc", b"de", b"f", stall=0.2)
+    with pytest.raises(RequestTimeout, match=r"did not arrive within 0\.3 s"):
+        await read_limited(stream, 100, 0.3)
+    assert stream.chunks == [b"de", b"f"]  # the second read was cut short
 
 
 def test_gunzip_bounds_inflation():

@@ -1,0 +1,94 @@
+"""HTTP messages aiohttp cannot parse, answered like every other refusal: problem+json.
+
+aiohttp answers a request it cannot read (a bad request line, a control character in a header,
+a header over 8 KiB, broken chunked framing) before any middleware runs: as ``text/plain``
+quoting the offending bytes, and logs it at ERROR with a traceback quoting them again. Those
+bytes can be an ingest key (``Authorization: Bearer sk_...`` with a stray control character), and
+the producer's client gets a body that no problem+json parser reads. aiohttp has no supported
+hook for this (aio-libs/aiohttp#3287), so the runner here makes every connection's handler
+answer with a stable code, a detail that never quotes the request, one log line without the
+bytes, and the request counted in ``sluice_http_requests_total`` under the route ``malformed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
+
+from gateway.app import problem
+from gateway.errors import ApiError, HeaderTooLarge, InternalError, MalformedRequest
+from schemas import metrics
+
+log = logging.getLogger(__name__)
+
+MALFORMED_ROUTE = "malformed"  # the route label of requests no route could be chosen for
+# Where a parser message starts quoting the request: ": ", or a quote opening a value.
+_QUOTED = re.compile(r""":|\s(?:b?['"]|bytearray\()""")
+
+
+def refusal(status: int, exc: BaseException | None) -> ApiError:
+    """The problem for a request aiohttp refused with ``status`` (and the parser's ``exc``)."""
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else "the limit of"
+        return HeaderTooLarge(f"the request line or a header field is longer than {limit} "
+                              "bytes")
+    if status >= 500:  # an error that escaped the application (its middleware maps the rest)
+        return InternalError()
+    return MalformedRequest(reason(exc))
+
+
+def reason(exc: BaseException | None) -> str:
+    """The parser's reason ("Invalid header value char"), cut before it quotes the request."""
+    message = getattr(exc, "message", None)
+    first = message.split("\n", 1)[0] if isinstance(message, str) else ""
+    said = _QUOTED.split(first, 1)[0].strip()
+    return f"{said} (the HTTP message could not be read)" if said else MalformedRequest.title
+
+
+class EdgeHandler(web.RequestHandler):
+    """One connection's protocol, answering unreadable requests as problem+json."""
+
+    __slots__ = ()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # part of an answer is out: only closing is left
+            raise ConnectionError("an answer was partly sent; the connection is closed")
+        error = refusal(status, exc)
+        if error.status >= 500:
+            log.error("unhandled error while answering a request", exc_info=exc)
+        elif self._request_count == 1 and isinstance(exc, BadHttpMethod):
+            # Not HTTP at all on a fresh connection (TLS, a port scan): no more than a trace.
+            log.debug("refused a non-HTTP connection from %s", request.remote)
+        else:
+            log.info("refused an unreadable HTTP request from %s: %s %s: %s", request.remote,
+                     error.status, error.code, error.detail)
+        metrics.child(metrics.HTTP_REQUESTS, "", MALFORMED_ROUTE, str(error.status)).inc()
+        rid = "req_" + secrets.token_hex(12)
+        response = problem(error, rid, None)  # no instance: the target was not read
+        response.headers["X-Request-ID"] = rid
+        response.force_close()  # even for a 500: aiohttp closes after any of these
+        return response
+
+
+class EdgeServer(web.Server):
+    """Makes each connection's protocol an EdgeHandler."""
+
+    def __call__(self) -> web.RequestHandler:
+        return EdgeHandler(self, loop=self._loop, **self._kwargs)
+
+
+class EdgeRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer unreadable requests as problem+json.
+
+    The application's server is built by aiohttp as always; only the class of the protocol
+    each connection gets is ours (EdgeHandler adds no state)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = EdgeServer
+        return server

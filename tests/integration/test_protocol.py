@@ -1,0 +1,144 @@
+"""Requests whose HTTP message cannot be read: problem+json, no key quoted, nothing published.
+
+Sent over raw sockets, since no HTTP client writes such requests on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+import pytest
+
+from gateway.protocol import MALFORMED_ROUTE
+from schemas import metrics
+from schemas.keys import KEY_PREFIX
+
+pytestmark = pytest.mark.integration
+
+PUSH = b"POST /v1/datasets/sales/events HTTP/1.1\r\nHost: sluice\r\n"
+BODY = b'[{"region":"north","revenue":1}]'
+
+
+async def exchange(port: int, *parts: bytes, pause: float = 0.0) -> tuple[int, dict, bytes]:
+    """Send ``parts`` (``pause`` seconds apart) on a new connection; the status, headers and
+    body of the answer. Each of these answers closes the connection: HTTP/1.0, or
+    ``Connection: close``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for index, part in enumerate(parts):
+            if index and pause:
+                await asyncio.sleep(pause)
+            writer.write(part)
+            await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+        headers = {name.lower(): value.strip()
+                   for name, _, value in (line.partition(":") for line in lines)}
+        body = await reader.readexactly(int(headers["content-length"]))
+    finally:
+        writer.close()
+    version, status = status_line.split()[:2]
+    assert version == "HTTP/1.0" or headers["connection"].lower() == "close"
+    return int(status), headers, body
+
+
+def assert_problem(status: int, headers: dict, body: bytes, expected: int, code: str) -> dict:
+    assert status == expected, body
+    assert headers["content-type"].startswith("application/problem+json")
+    doc = orjson.loads(body)
+    assert (doc["status"], doc["code"]) == (expected, code)
+    assert doc["request_id"] == headers["x-request-id"]
+    return doc
+
+
+def malformed_count(status: int) -> float:
+    value = metrics.HTTP_REQUESTS.labels("", MALFORMED_ROUTE, str(status))._value.get()
+    return value
+
+
+def secret_of(key: str) -> str:
+    return key[len(KEY_PREFIX):].partition("_")[2]
+
+
+def assert_not_quoted(key: str, body: bytes, caplog) -> None:
+    secret = secret_of(key)
+    assert secret not in body.decode("latin-1")
+    logged = [r for r in caplog.records
+              if secret in r.getMessage() or secret in (r.exc_text or "")
+              or (r.exc_info and secret in repr(r.exc_info[1]))]
+    assert not logged, [r.getMessage() for r in logged]
+
+
+async def test_a_control_character_in_a_header_is_refused_without_quoting_the_key(
+        gateway, caplog):
+    caplog.set_level(logging.DEBUG)
+    before = malformed_count(400)
+    request = (PUSH + b"Authorization: Bearer " + gateway.key.encode() + b"\x01\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+    status, headers, body = await exchange(gateway.client.port, request)
+    doc = assert_problem(status, headers, body, 400, "MALFORMED_REQUEST")
+    assert doc["detail"] == "Invalid header value char (the HTTP message could not be read)"
+    assert "instance" not in doc
+    assert_not_quoted(gateway.key, body, caplog)
+    assert malformed_count(400) == before + 1
+    assert await gateway.published() == []
+
+
+async def test_a_header_over_8_kib_is_refused_with_431_without_quoting_it(gateway, caplog):
+    caplog.set_level(logging.DEBUG)
+    before = malformed_count(431)
+    request = (PUSH + b"Authorization: Bearer " + gateway.key.encode() + b"A" * 9000 + b"\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+    status, headers, body = await exchange(gateway.client.port, request)
+    doc = assert_problem(status, headers, body, 431, "HEADER_TOO_LARGE")
+    assert doc["detail"] == ("the request line or a header field is longer than 8190 bytes")
+    assert_not_quoted(gateway.key, body, caplog)
+    assert malformed_count(431) == before + 1
+    assert await gateway.published() == []
+
+
+@pytest.mark.parametrize("request_bytes, detail", [
+    (b"GARBAGE\r\n\r\n", "Invalid method encountered"),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", None),
+    (PUSH + b"Content-Length: abc\r\n\r\n[]", "Invalid character in Content-Length"),
+    (PUSH + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]\r\n0\r\n\r\n",
+     "Transfer-Encoding can't be present with Content-Length"),
+], ids=["request-line", "long-target", "content-length", "both-lengths"])
+async def test_unreadable_requests_get_a_problem_with_a_stable_code(gateway, request_bytes,
+                                                                     detail):
+    status, headers, body = await exchange(gateway.client.port, request_bytes)
+    if detail is None:
+        assert_problem(status, headers, body, 431, "HEADER_TOO_LARGE")
+    else:
+        doc = assert_problem(status, headers, body, 400, "MALFORMED_REQUEST")
+        assert doc["detail"] == f"{detail} (the HTTP message could not be read)"
+
+
+def chunked_push(key: str) -> tuple[bytes, bytes]:
+    """Headers of a chunked push, and a chunk whose framing breaks after its data."""
+    head = (PUSH + b"Authorization: Bearer " + key.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    return head, b"%x\r\n" % len(BODY) + BODY + b"XX0\r\n\r\n"  # no CRLF after the data
+
+
+async def test_broken_chunked_framing_in_the_headers_packet_publishes_nothing(gateway):
+    head, chunk = chunked_push(gateway.key)
+    status, headers, body = await exchange(gateway.client.port, head + chunk)
+    assert_problem(status, headers, body, 400, "MALFORMED_REQUEST")
+    assert await gateway.published() == []
+
+
+async def test_a_body_that_stops_arriving_gets_408_and_publishes_nothing(make_gateway):
+    """A client that sends its headers and then stalls, and (an aiohttp limitation) one whose
+    chunked framing breaks after the route began reading, which aiohttp leaves the handler
+    waiting on: both are answered once the body timeout passes, on a closed connection."""
+    gateway = await make_gateway(SLUICE_BODY_TIMEOUT_S="0.5")
+    head, chunk = chunked_push(gateway.key)
+    for parts in ((head, chunk[:10]), (head, chunk)):
+        started = asyncio.get_running_loop().time()
+        status, headers, body = await exchange(gateway.client.port, *parts, pause=0.2)
+        assert_problem(status, headers, body, 408, "REQUEST_TIMEOUT")
+        assert 0.5 <= asyncio.get_running_loop().time() - started < 5
+    assert await gateway.published() == []
