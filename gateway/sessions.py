@@ -170,10 +170,7 @@ class CreateSpec:
 
 def parse_create(body: bytes, settings: Settings) -> CreateSpec:
     """The create request: ``{dataset}`` or ``{namespace, entity}``, optional ``timeout_s``."""
-    items = parse_items(body, JSON)
-    doc = items[0]
-    if len(items) != 1 or not isinstance(doc, dict):
-        raise InvalidParameter("the body must be one JSON object")
+    doc = _one_object(body)
     unknown = sorted(set(doc) - _CREATE_FIELDS)
     if unknown:
         raise InvalidParameter(f"unknown field(s) {unknown}; allowed: {sorted(_CREATE_FIELDS)}")
@@ -189,10 +186,30 @@ def parse_create(body: bytes, settings: Settings) -> CreateSpec:
                                "{\"namespace\": ..., \"entity\": ...}")
     low, high = settings.session_min_timeout_s, settings.session_max_timeout_s
     timeout = doc.get("timeout_s", settings.session_timeout_s)
+    if isinstance(timeout, float) and timeout.is_integer():  # JSON Schema's integer: 900.0
+        timeout = int(timeout)
     if isinstance(timeout, bool) or not isinstance(timeout, int) or not low <= timeout <= high:
         raise InvalidParameter(f"timeout_s must be an integer between {low} and {high} seconds",
                                minimum=low, maximum=high)
     return CreateSpec(dataset, namespace, timeout)
+
+
+def parse_close(body: bytes) -> None:
+    """The close request: ``{"status": "closed"}``, the only change a session takes."""
+    if _one_object(body) != {"status": "closed"}:
+        raise InvalidParameter('send {"status": "closed"}: closing is the only change a '
+                               "session takes")
+
+
+def location(session_id: str) -> str:
+    return f"/v1/ingestions/{session_id}"
+
+
+def _one_object(body: bytes) -> dict[str, Any]:
+    items = parse_items(body, JSON)
+    if len(items) != 1 or not isinstance(items[0], dict):
+        raise InvalidParameter("the body must be one JSON object")
+    return items[0]
 
 
 def _text(raw: dict[bytes, bytes] | list[bytes]) -> dict[str, str]:
@@ -310,7 +327,7 @@ class Sessions:
 
         async def create(req: IngestRequest, body: bytes, headers: dict[str, str]) -> Answer:
             session = await self.create(req.dataset.id, spec, req.principal.key_id)
-            headers = {**headers, "Location": f"/v1/ingestions/{session.id}"}
+            headers = {**headers, "Location": location(session.id)}
             return Answer(201, orjson.dumps(session.document()), headers)
 
         return create

@@ -58,13 +58,21 @@ MAX_IDENTIFIER = 63  # bytes: PostgreSQL's limit (it cuts longer names), the str
 MAX_COLUMNS = 1600  # PostgreSQL's limit per table (SQLite's default is 2000)
 
 
+def properties(schema: dict) -> Iterator[tuple[str, dict]]:
+    """(name, schema) of an object schema's properties, boolean subschemas read as JSON
+    Schema means them: ``true`` (anything) as ``{}``, ``false`` (never present) left out."""
+    for name, prop in schema.get("properties", {}).items():
+        if prop is not False:
+            yield name, {} if prop is True else prop
+
+
 def column_fields(schema: dict, nested_json: bool, prefix: tuple[str, ...] = (),
                   required: bool = True) -> Iterator[tuple[tuple[str, ...], dict, str, bool]]:
     """(path, property schema, column kind, required) of every property that becomes a
     column, in table order: an object's properties become columns of their own unless
     ``nested_json`` keeps objects whole as json."""
     mandatory = set(schema.get("required", ()))
-    for name, prop in schema.get("properties", {}).items():
+    for name, prop in properties(schema):
         path = (*prefix, name)
         is_required = required and name in mandatory
         kind = kind_of(prop)

@@ -8,7 +8,7 @@ from typing import Any
 
 import jsonschema_rs
 
-from schemas.columns import check_column_names, store_bounded
+from schemas.columns import check_column_names, properties, store_bounded
 from schemas.keys import KEY_ID_RE, IngestKey
 
 DATASET_ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -74,7 +74,7 @@ class Dataset:
         required = set(self.schema.get("required", ()))
         return [
             {"name": name, "type": prop.get("type", "any"), "required": name in required}
-            for name, prop in self.schema.get("properties", {}).items()
+            for name, prop in properties(self.schema)
         ]
 
 

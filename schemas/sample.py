@@ -6,6 +6,8 @@ import math
 import re
 from typing import Any
 
+from schemas.columns import properties
+
 _FORMATS = {
     "date-time": "2026-01-15T10:30:00Z",
     "date": "2026-01-15",
@@ -88,10 +90,12 @@ class _Generator:
     def _object(self, schema: dict, depth: int) -> dict:
         required = set(schema.get("required", ()))
         out = {}
-        for name, prop in schema.get("properties", {}).items():
+        for name, prop in properties(schema):
             if depth < _MAX_DEPTH or name in required:
                 out[name] = self.value(prop, depth + 1)
         for name in required - out.keys():
+            if schema.get("properties", {}).get(name) is False:
+                raise SampleError(f"field {name!r} is required but its schema is false")
             out[name] = "example"
         return out
 

@@ -7,9 +7,10 @@ from typing import Any
 from aiohttp import web
 
 from gateway.auth import authenticate, authorize
+from gateway.errors import SampleUnavailable
 from gateway.state import STATE
 from schemas.dataset import Dataset
-from schemas.sample import sample_request
+from schemas.sample import SampleError, sample_request
 
 
 def summary(dataset: Dataset) -> dict[str, Any]:
@@ -58,7 +59,12 @@ async def get_sample(request: web.Request) -> web.Response:
     principal = authenticate(state.catalogue, request.headers.get("Authorization"))
     dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
     path = f"/v1/datasets/{dataset.id}/events"
-    return web.json_response(sample_request(dataset.id, dataset.schema, dataset.item_key, path))
+    try:
+        sample = sample_request(dataset.id, dataset.schema, dataset.item_key, path)
+    except SampleError as exc:  # a schema beyond the generator: the dataset itself is fine
+        raise SampleUnavailable(f"no sample can be generated for dataset {dataset.id!r}: "
+                                f"{exc}") from None
+    return web.json_response(sample)
 
 
 def setup(app: web.Application) -> None:

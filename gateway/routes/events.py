@@ -72,6 +72,9 @@ async def _ingest(request: web.Request, state, principal, dataset, received_at_m
                   outcome: RequestOutcome):
     item_key = request.headers.get("X-Item-Key")
     if item_key is not None and item_key != dataset.item_key:
+        if dataset.item_key is None:
+            raise InvalidHeader(f"X-Item-Key {item_key!r} was sent, but dataset {dataset.id!r} "
+                                "has no item key: its events are appended, never replaced")
         raise InvalidHeader(f"X-Item-Key {item_key!r} does not match dataset "
                             f"{dataset.id!r}'s item key {dataset.item_key!r}")
     mime = content_type(request)

@@ -11,12 +11,12 @@ from aiohttp import web
 from gateway.accounting import RequestOutcome
 from gateway.auth import authenticate, authorize
 from gateway.chunks import chunk_step
-from gateway.errors import DatasetNotFound, InvalidParameter
+from gateway.errors import DatasetNotFound, InvalidParameter, UnsupportedMediaType
 from gateway.ingest import Answer, IngestRequest
-from gateway.payload import JSON, check_declared_length, check_encoding, read_limited
+from gateway.payload import JSON, check_declared_length, check_encoding, gunzip, read_limited
 from gateway.routes.events import content_type, idempotency_key, recorded, respond
 from gateway.routes.stats import page, read_stats
-from gateway.sessions import STATUSES, Sessions, parse_create
+from gateway.sessions import STATUSES, Sessions, location, parse_close, parse_create
 from gateway.state import REQUEST_ID, STATE
 from schemas import outcomes as o
 from schemas import windows as w
@@ -36,10 +36,15 @@ def _principal(request: web.Request) -> Principal:
 
 
 async def _control_body(request: web.Request) -> bytes:
-    content_type(request)
+    """The JSON body of an open or close request (inflated when gzip-compressed)."""
+    if content_type(request) != JSON:
+        raise UnsupportedMediaType("send application/json: opening and closing a session "
+                                   "take one JSON object")
+    gzipped = check_encoding(request.headers.get("Content-Encoding"))
     check_declared_length(request.content_length, CONTROL_MAX_BYTES)
-    return await read_limited(request.content, CONTROL_MAX_BYTES,
+    body = await read_limited(request.content, CONTROL_MAX_BYTES,
                               request.app[STATE].settings.body_timeout_s)
+    return gunzip(body, CONTROL_MAX_BYTES) if gzipped else body
 
 
 async def create_session(request: web.Request) -> web.Response:
@@ -52,8 +57,11 @@ async def create_session(request: web.Request) -> web.Response:
     answer = await state.ingestor.ingest(
         IngestRequest(dataset, principal, body, False, JSON, False, idempotency_key(request),
                       request[REQUEST_ID], received_at_ms),
-        process=request.app[SESSIONS].creation(spec))
-    return respond(answer)
+        process=request.app[SESSIONS].creation(spec), operation="open")
+    response = respond(answer)
+    if answer.replayed and answer.status == 201:  # the stored answer keeps no headers
+        response.headers["Location"] = location(orjson.loads(answer.body)["ingestion_id"])
+    return response
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -64,14 +72,7 @@ async def get_session(request: web.Request) -> web.Response:
 
 async def patch_session(request: web.Request) -> web.Response:
     principal = _principal(request)
-    body = await _control_body(request)
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        doc = None
-    if doc != {"status": "closed"}:
-        raise InvalidParameter('send {"status": "closed"}: closing is the only change a '
-                               "session takes")
+    parse_close(await _control_body(request))
     session = await request.app[SESSIONS].close(request.match_info["ingestion_id"], principal)
     return web.json_response(session.document())
 

@@ -85,15 +85,23 @@ async def make_gateway(tmp_path, kafka, redis_url):
     started: list[TestClient] = []
 
     async def make(*, bootstrap: str | None = None, redis: str | None = None,
-                   rate_limit: dict | None = None, create: bool = True, **env: str) -> Gateway:
+                   rate_limit: dict | None = None, create: bool = True,
+                   datasets: tuple[dict, ...] = (), **env: str) -> Gateway:
+        """``datasets``: more definitions (without ingest keys: the sales key may use them)."""
         bootstrap = bootstrap or kafka.bootstrap
         key, other_key = new_key("pos"), new_key("crm")
         directory = tmp_path / f"catalogue-{len(started)}"
         directory.mkdir()
-        topic, other_topic = write_catalogue(directory, uuid.uuid4().hex[:10], key, other_key,
-                                             rate_limit)
+        suffix = uuid.uuid4().hex[:10]
+        topic, other_topic = write_catalogue(directory, suffix, key, other_key, rate_limit)
+        topics = [topic, other_topic]
+        for extra in datasets:
+            topics.append(f"ingest.{extra['id']}.{suffix}")
+            (directory / f"{extra['id']}.yaml").write_text(yaml.safe_dump({
+                "entry_topic": topics[-1], **extra,
+                "ingest_keys": [{"id": "pos", "sha256": hash_key(key)}]}))
         if create:
-            await create_topics(bootstrap, [topic, other_topic], partitions=2)
+            await create_topics(bootstrap, topics, partitions=2)
         settings = Settings.from_env({
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "KAFKA_ENABLE_IDEMPOTENCE": "false",

@@ -251,7 +251,12 @@ async def test_x_item_key_must_match_the_dataset(gateway):
     assert ok.status == 202
     resp = await gateway.post(orjson.dumps(ITEMS), **{"X-Item-Key": "revenue"})
     await assert_problem(resp, 400, "INVALID_HEADER")
+    resp = await gateway.post(b'[{"id": 1}]', key=gateway.other_key, dataset="other",
+                              **{"X-Item-Key": "id"})  # a dataset without an item key
+    doc = await assert_problem(resp, 400, "INVALID_HEADER")
+    assert "dataset 'other' has no item key" in doc["detail"]
     assert len(await gateway.published()) == 1
+    assert await gateway.published(gateway.other_topic) == []
 
 
 async def test_idempotent_replay_publishes_nothing(gateway):
@@ -348,6 +353,16 @@ async def test_catalogue_reads(gateway):
     await assert_problem(await gateway.client.get("/v1/datasets"), 401, "UNAUTHORIZED")
 
 
+async def test_a_schema_the_sample_generator_cannot_follow_gets_422(make_gateway):
+    odd = {"id": "odd", "schema": {"type": "object", "required": ["code"], "properties": {
+        "code": {"type": "string", "pattern": "^(?=a)b$"}}}}
+    gateway = await make_gateway(datasets=(odd,))
+    resp = await gateway.client.get("/v1/datasets/odd/sample",
+                                    headers={"Authorization": f"Bearer {gateway.key}"})
+    doc = await assert_problem(resp, 422, "SAMPLE_UNAVAILABLE")
+    assert "pattern '^(?=a)b$'" in doc["detail"]
+
+
 async def test_sample_request_is_accepted_as_is(gateway):
     auth = {"Authorization": f"Bearer {gateway.key}"}
     sample = await (await gateway.client.get("/v1/datasets/sales/sample", headers=auth)).json()
@@ -365,8 +380,9 @@ async def test_health_and_readiness(gateway):
 
 async def test_unknown_route_is_problem_json(gateway):
     await assert_problem(await gateway.client.get("/nope"), 404, "NOT_FOUND")
-    await assert_problem(await gateway.client.get("/v1/datasets/sales/events"), 405,
-                         "METHOD_NOT_ALLOWED")
+    wrong_method = await gateway.client.get("/v1/datasets/sales/events")
+    await assert_problem(wrong_method, 405, "METHOD_NOT_ALLOWED")
+    assert wrong_method.headers["Allow"] == "POST"  # RFC 9110 requires it on a 405
 
 
 async def test_keys_never_appear_in_logs_or_answers(gateway, caplog):

@@ -370,11 +370,39 @@ async def test_create_accepts_namespace_and_entity_and_checks_its_fields(make_ga
                for _ in range(2)]
     ids = [(await x.json())["ingestion_id"] for x in retried]
     assert ids[0] == ids[1] and retried[1].headers["Idempotent-Replayed"] == "true"
+    assert {x.headers["Location"] for x in retried} == {f"/v1/ingestions/{ids[0]}"}
+    # the same key and body on the push route is a reuse, not a replay of the open
+    pushed = await gw.post(b'{"dataset": "sales"}', **{"Idempotency-Key": "open-1"})
+    await assert_problem(pushed, 422, "IDEMPOTENCY_KEY_REUSED")
+    assert await gw.published() == []
     sid = doc["ingestion_id"]
     bad = await gw.client.patch(f"/v1/ingestions/{sid}", data=b'{"status": "pending"}',
                                 headers=headers)
     await assert_problem(bad, 400, "INVALID_PARAMETER")
+    bad = await gw.client.patch(f"/v1/ingestions/{sid}", data=b'{"status": ', headers=headers)
+    await assert_problem(bad, 400, "MALFORMED_JSON")
     assert (await status(gw, sid))["status"] == "pending"
+
+
+async def test_open_and_close_take_json_gzip_included_and_nothing_else(gateway):
+    headers = {**auth(gateway.key), "Content-Type": "application/json"}
+    opened = await gateway.client.post("/v1/ingestions", data=gzip.compress(b'{"dataset": '
+                                       b'"sales"}'), headers={**headers,
+                                                              "Content-Encoding": "gzip"})
+    assert opened.status == 201, await opened.text()
+    sid = (await opened.json())["ingestion_id"]
+    for extra, code in (({"Content-Type": "application/x-ndjson"}, "UNSUPPORTED_MEDIA_TYPE"),
+                        ({"Content-Encoding": "br"}, "UNSUPPORTED_CONTENT_ENCODING")):
+        refused = await gateway.client.post("/v1/ingestions", data=b'{"dataset": "sales"}',
+                                            headers={**headers, **extra})
+        await assert_problem(refused, 415, code)
+        refused = await gateway.client.patch(f"/v1/ingestions/{sid}", headers={**headers, **extra},
+                                             data=b'{"status": "closed"}')
+        await assert_problem(refused, 415, code)
+    assert (await status(gateway, sid))["status"] == "pending"
+    closed = await gateway.client.patch(f"/v1/ingestions/{sid}", headers={
+        **headers, "Content-Encoding": "gzip"}, data=gzip.compress(b'{"status": "closed"}'))
+    assert closed.status == 200 and (await closed.json())["status"] == "closed"
 
 
 async def _second_sales_key(gw) -> tuple[TestClient, str]:

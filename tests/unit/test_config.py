@@ -85,3 +85,12 @@ def test_a_metrics_directory_is_made_for_one_process_too(monkeypatch, tmp_path):
     monkeypatch.setenv(MULTIPROC_ENV, str(directory))
     prepare_multiprocess("gateway", 1)
     assert directory.is_dir()
+
+
+def test_admin_keys_are_checked_like_dataset_keys():
+    digest = "ab" * 32
+    keys = Settings.from_env({"SLUICE_ADMIN_KEYS": f"ops:{digest.upper()}"}).admin_keys
+    assert [(k.key_id, k.sha256) for k in keys] == [("ops", digest)]
+    for bad in (f"Ops_1:{digest}", f"ops:{'zz' * 32}", "ops:abc", digest):
+        with pytest.raises(ConfigError, match="SLUICE_ADMIN_KEYS"):
+            Settings.from_env({"SLUICE_ADMIN_KEYS": bad})

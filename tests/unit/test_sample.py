@@ -16,6 +16,7 @@ SCHEMAS = [
     {"type": "object", "properties": {"a": {"type": "object", "properties": {
         "b": {"type": "array", "items": {"type": "integer"}, "minItems": 3}}}}},
     {"type": "object", "properties": {"kind": {"enum": ["x", "y"]}, "v": {"const": 7}}},
+    {"type": "object", "required": ["a"], "properties": {"a": True, "b": False}},
     {"type": "object", "properties": {f: {"type": "string", "format": f} for f in
                                       ("date-time", "date", "email", "uri", "uuid", "ipv4")}},
     {"type": "object", "properties": {
@@ -56,6 +57,8 @@ def test_example_datasets_have_valid_samples(path):
 def test_unsatisfiable_pattern():
     with pytest.raises(SampleError):
         sample_item({"type": "string", "pattern": "^(?=a)b$"})
+    with pytest.raises(SampleError, match="'b' is required but its schema is false"):
+        sample_item({"type": "object", "required": ["b"], "properties": {"b": False}})
 
 
 def _leaf():

@@ -17,6 +17,8 @@ def test_create_names_the_dataset_one_way_or_the_other():
     assert parse_create(b'{"namespace": "retail", "entity": "sales", "timeout_s": 60}',
                         SETTINGS) == CreateSpec("sales", "retail", 60)
     assert parse_create(b'{"dataset": "sales", "entity": "sales"}', SETTINGS).dataset == "sales"
+    # JSON Schema's integer: a whole number written with a fraction is one
+    assert parse_create(b'{"dataset": "sales", "timeout_s": 60.0}', SETTINGS).timeout_s == 60
 
 
 @pytest.mark.parametrize("body", [

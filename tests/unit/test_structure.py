@@ -197,3 +197,19 @@ def test_compiled_shaper_matches_the_reference_loop(options, item):
     over the column plan it unrolls."""
     s = structure(**options)
     assert _outcome(s.row_values, item) == _outcome(lambda i: Structure.row_values(s, i), item)
+
+
+def test_boolean_subschemas_are_read_as_json_schema_means_them():
+    """``true`` takes any value (a json column); ``false`` is never present (no column)."""
+    schema = {"type": "object", "required": ["id"], "properties": {
+        "id": {"type": "string"}, "any": True, "never": False,
+        "geo": {"type": "object", "properties": {"lat": True}}}}
+    dataset = parse_dataset({"id": "d", "schema": schema}, Limits())
+    s = Structure(dataset)
+    assert s.data_columns == [("id", "text"), ("any", "json"), ("geo__lat", "json"),
+                              (EXTRA_COLUMN, "json")]
+    assert [f["name"] for f in dataset.fields] == ["id", "any", "geo"]
+    row = s.shape({"id": "a", "any": [1, {"b": 2}], "geo": {"lat": "north"}})
+    assert row["any"] == [1, {"b": 2}] and row["geo__lat"] == "north"
+    assert dataset.validate_item.is_valid({"id": "a", "any": 1})
+    assert not dataset.validate_item.is_valid({"id": "a", "never": 1})
