@@ -8,7 +8,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
-import orjson
 from aiohttp import web
 
 from gateway.accounting import Accountant
@@ -16,6 +15,7 @@ from gateway.admission import Admitter
 from gateway.config import Settings
 from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound
 from gateway.ingest import Ingestor
+from gateway.protocol import problem
 from gateway.publisher import Publisher
 from gateway.routes import datasets, events, health, ingestions, stats
 from gateway.scripts import ScriptBatcher
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("sluice.access")
 ACCESS_LOG = web.AppKey("access_log", bool)
 
-PROBLEM_JSON = "application/problem+json"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 # Passed to AppRunner/TestServer: gzip bodies are inflated by gateway.payload under a limit,
@@ -40,14 +39,6 @@ def request_id(request: web.Request) -> str:
     if given and _REQUEST_ID_RE.match(given):
         return given
     return "req_" + secrets.token_hex(12)
-
-
-def problem(error: ApiError, rid: str, path: str | None) -> web.Response:
-    response = web.Response(status=error.status, body=orjson.dumps(error.body(rid, path)),
-                            content_type=PROBLEM_JSON, headers=error.headers)
-    if error.closes:
-        response.force_close()
-    return response
 
 
 def _from_http(exc: web.HTTPException) -> ApiError:

@@ -15,19 +15,31 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+import orjson
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 
-from gateway.app import problem
 from gateway.errors import ApiError, HeaderTooLarge, InternalError, MalformedRequest
 from schemas import metrics
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PROBLEM_JSON = "application/problem+json"
 MALFORMED_ROUTE = "malformed"  # the route label of requests no route could be chosen for
 # Where a parser message starts quoting the request: ": ", or a quote opening a value.
 _QUOTED = re.compile(r""":|\s(?:b?['"]|bytearray\()""")
+
+
+def problem(error: ApiError, rid: str, path: str | None) -> web.Response:
+    """The answer for ``error``: RFC 9457 problem+json, rendered here and only here."""
+    response = web.Response(status=error.status, body=orjson.dumps(error.body(rid, path)),
+                            content_type=PROBLEM_JSON, headers=error.headers)
+    if error.closes:
+        response.force_close()
+    return response
 
 
 def refusal(status: int, exc: BaseException | None) -> ApiError:
@@ -47,6 +59,25 @@ def reason(exc: BaseException | None) -> str:
     first = message.split("\n", 1)[0] if isinstance(message, str) else ""
     said = _QUOTED.split(first, 1)[0].strip()
     return f"{said} (the HTTP message could not be read)" if said else MalformedRequest.title
+
+
+async def expect_continue(request: web.Request) -> None:
+    """Every route's ``Expect`` handling: ``100-continue`` gets its interim answer, and any
+    other expectation is ignored, as RFC 9110 allows, so the request is answered like one
+    without it. (aiohttp's default answers those with a text/plain 417 that bypasses the
+    middleware, so no problem+json and no request id.)"""
+    expect = request.headers.get("Expect", "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the start of the answer
+
+
+def add_routes(app: web.Application, *table: tuple[str, str, Handler]) -> None:
+    """Register ``(method, path, handler)`` routes with expect_continue (a GET also answers
+    HEAD, as aiohttp's add_get makes it)."""
+    for method, path, handler in table:
+        add = getattr(app.router, f"add_{method.lower()}")
+        add(path, handler, expect_handler=expect_continue)
 
 
 class EdgeHandler(web.RequestHandler):

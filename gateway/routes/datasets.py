@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.auth import authenticate, authorize
 from gateway.errors import SampleUnavailable
+from gateway.protocol import add_routes
 from gateway.state import STATE
 from schemas.dataset import Dataset
 from schemas.sample import SampleError, sample_request
@@ -68,6 +69,9 @@ async def get_sample(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/v1/datasets", list_datasets)
-    app.router.add_get("/v1/datasets/{dataset}", get_dataset)
-    app.router.add_get("/v1/datasets/{dataset}/sample", get_sample)
+    add_routes(
+        app,
+        ("GET", "/v1/datasets", list_datasets),
+        ("GET", "/v1/datasets/{dataset}", get_dataset),
+        ("GET", "/v1/datasets/{dataset}/sample", get_sample),
+    )

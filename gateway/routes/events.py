@@ -13,6 +13,7 @@ from gateway.auth import authenticate, authorize
 from gateway.errors import ApiError, InvalidHeader
 from gateway.ingest import Answer, IngestRequest
 from gateway.payload import check_declared_length, check_encoding, media_type, read_limited
+from gateway.protocol import add_routes
 from gateway.state import REQUEST_ID, STATE
 
 # Printable ASCII without spaces, as the IETF Idempotency-Key draft and Stripe allow.
@@ -98,4 +99,7 @@ async def _ingest(request: web.Request, state, principal, dataset, received_at_m
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_post("/v1/datasets/{dataset}/events", post_events)
+    add_routes(
+        app,
+        ("POST", "/v1/datasets/{dataset}/events", post_events),
+    )

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway.protocol import add_routes
 from gateway.state import STATE, State
 from schemas import metrics
 from schemas.metrics_export import exposition
@@ -82,6 +83,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 def setup(app: web.Application) -> None:
     """Routes, and the readiness gauge (create_app calls this after adding its resources)."""
     app.cleanup_ctx.append(readiness_gauge)
-    app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    add_routes(
+        app,
+        ("GET", "/metrics", metrics_endpoint),
+        ("GET", "/healthz", healthz),
+        ("GET", "/readyz", readyz),
+    )

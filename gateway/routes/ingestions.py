@@ -14,6 +14,7 @@ from gateway.chunks import chunk_step
 from gateway.errors import DatasetNotFound, InvalidParameter, UnsupportedMediaType
 from gateway.ingest import Answer, IngestRequest
 from gateway.payload import JSON, check_declared_length, check_encoding, gunzip, read_limited
+from gateway.protocol import add_routes
 from gateway.routes.events import content_type, idempotency_key, recorded, respond
 from gateway.routes.stats import page, read_stats
 from gateway.sessions import STATUSES, Sessions, location, parse_close, parse_create
@@ -150,9 +151,12 @@ def setup(app: web.Application) -> None:
         yield
 
     app.cleanup_ctx.append(sessions)
-    app.router.add_post("/v1/ingestions", create_session)
-    app.router.add_get("/v1/ingestions", list_sessions)
-    app.router.add_get("/v1/ingestions/{ingestion_id}", get_session)
-    app.router.add_patch("/v1/ingestions/{ingestion_id}", patch_session)
-    app.router.add_post("/v1/ingestions/{ingestion_id}/chunks", post_chunk)
-    app.router.add_get("/v1/ingestions/{ingestion_id}/stats", session_stats)
+    add_routes(
+        app,
+        ("POST", "/v1/ingestions", create_session),
+        ("GET", "/v1/ingestions", list_sessions),
+        ("GET", "/v1/ingestions/{ingestion_id}", get_session),
+        ("PATCH", "/v1/ingestions/{ingestion_id}", patch_session),
+        ("POST", "/v1/ingestions/{ingestion_id}/chunks", post_chunk),
+        ("GET", "/v1/ingestions/{ingestion_id}/stats", session_stats),
+    )

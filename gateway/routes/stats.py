@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from gateway.auth import authenticate, authorize
 from gateway.errors import Forbidden, InvalidParameter, NotFound, RedisUnavailable
+from gateway.protocol import add_routes
 from gateway.state import STATE
 from schemas import outcomes as o
 from schemas import windows as w
@@ -130,5 +131,8 @@ async def connector_logs(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/v1/datasets/{dataset}/stats", dataset_stats)
-    app.router.add_get("/v1/connectors/{connector}/logs", connector_logs)
+    add_routes(
+        app,
+        ("GET", "/v1/datasets/{dataset}/stats", dataset_stats),
+        ("GET", "/v1/connectors/{connector}/logs", connector_logs),
+    )

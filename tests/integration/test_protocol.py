@@ -142,3 +142,25 @@ async def test_a_body_that_stops_arriving_gets_408_and_publishes_nothing(make_ga
         assert_problem(status, headers, body, 408, "REQUEST_TIMEOUT")
         assert 0.5 <= asyncio.get_running_loop().time() - started < 5
     assert await gateway.published() == []
+
+
+async def test_expect_100_continue_is_honoured_and_other_expectations_ignored(gateway):
+    port = gateway.client.port
+    head = (PUSH + b"Authorization: Bearer " + gateway.key.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(BODY))
+    # an expectation Sluice does not know is ignored (RFC 9110 allows it): a normal answer
+    status, _, body = await exchange(port, head + b"Expect: teapot\r\nConnection: close\r\n\r\n"
+                                     + BODY)
+    assert status == 202, body
+    # 100-continue: the interim answer comes before the body is sent
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(BODY)
+        final = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert final.startswith(b"HTTP/1.1 202 "), final
+    assert len(await gateway.published()) == 2
