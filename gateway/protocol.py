@@ -1,4 +1,5 @@
-"""HTTP messages aiohttp cannot parse, answered like every other refusal: problem+json.
+"""The HTTP layer's own answers: problem+json rendered once, requests aiohttp cannot parse,
+and ``Expect``.
 
 aiohttp answers a request it cannot read (a bad request line, a control character in a header,
 a header over 8 KiB, broken chunked framing) before any middleware runs: as ``text/plain``

@@ -134,6 +134,10 @@ def store_bounded(schema: dict, nested_json: bool, identifying: tuple[str, ...] 
     dataset's own (see _add_bound).
     """
     bounded = copy.deepcopy(schema)
+    top = bounded.get("properties", {})
+    for name in identifying:  # ``true`` means ``{}``, which can hold the not-null bound
+        if top.get(name) is True:
+            top[name] = {}
     for path, prop, kind, _ in column_fields(bounded, nested_json):
         bounds = _STORE_BOUNDS.get(kind, ())
         if kind == "integer" and _within_int64(prop):

@@ -213,3 +213,6 @@ def test_boolean_subschemas_are_read_as_json_schema_means_them():
     assert row["any"] == [1, {"b": 2}] and row["geo__lat"] == "north"
     assert dataset.validate_item.is_valid({"id": "a", "any": 1})
     assert not dataset.validate_item.is_valid({"id": "a", "never": 1})
+    keyed = parse_dataset({"id": "k", "item_key": "any", "schema": schema}, Limits())
+    assert keyed.validate_item.is_valid({"id": "a", "any": 1})
+    assert not keyed.validate_item.is_valid({"id": "a", "any": None})  # a null key is no key
