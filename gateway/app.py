@@ -35,9 +35,9 @@ SERVER_KWARGS = {"auto_decompress": False, "access_log": None}
 
 
 def request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-ID")
-    if given and _REQUEST_ID_RE.match(given):
-        return given
+    given = request.headers.getall("X-Request-ID", ())  # two are unusable too: replaced
+    if len(given) == 1 and _REQUEST_ID_RE.match(given[0]):
+        return given[0]
     return "req_" + secrets.token_hex(12)
 
 

@@ -22,7 +22,13 @@ import orjson
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 
-from gateway.errors import ApiError, HeaderTooLarge, InternalError, MalformedRequest
+from gateway.errors import (
+    ApiError,
+    HeaderTooLarge,
+    InternalError,
+    InvalidHeader,
+    MalformedRequest,
+)
 from schemas import metrics
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,15 @@ def reason(exc: BaseException | None) -> str:
     first = message.split("\n", 1)[0] if isinstance(message, str) else ""
     said = _QUOTED.split(first, 1)[0].strip()
     return f"{said} (the HTTP message could not be read)" if said else MalformedRequest.title
+
+
+def header(request: web.Request, name: str) -> str | None:
+    """A request header that must be sent at most once: a second copy (which a proxy in front
+    might read where this reads the first) is refused, not guessed between."""
+    values = request.headers.getall(name, ())
+    if len(values) > 1:
+        raise InvalidHeader(f"{name} was sent {len(values)} times; send it once")
+    return values[0] if values else None
 
 
 async def expect_continue(request: web.Request) -> None:

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from gateway.auth import authenticate, authorize
 from gateway.errors import SampleUnavailable
-from gateway.protocol import add_routes
+from gateway.protocol import add_routes, header
 from gateway.state import STATE
 from schemas.dataset import Dataset
 from schemas.sample import SampleError, sample_request
@@ -43,21 +43,21 @@ def detail(dataset: Dataset) -> dict[str, Any]:
 
 async def list_datasets(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    principal = authenticate(state.catalogue, header(request, "Authorization"))
     visible = [summary(d) for d in state.catalogue if principal.may_write(d.id)]
     return web.json_response({"datasets": visible})
 
 
 async def get_dataset(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    principal = authenticate(state.catalogue, header(request, "Authorization"))
     dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
     return web.json_response(detail(dataset))
 
 
 async def get_sample(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    principal = authenticate(state.catalogue, header(request, "Authorization"))
     dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
     path = f"/v1/datasets/{dataset.id}/events"
     try:

@@ -13,7 +13,7 @@ from gateway.auth import authenticate, authorize
 from gateway.errors import ApiError, InvalidHeader
 from gateway.ingest import Answer, IngestRequest
 from gateway.payload import check_declared_length, check_encoding, media_type, read_limited
-from gateway.protocol import add_routes
+from gateway.protocol import add_routes, header
 from gateway.state import REQUEST_ID, STATE
 
 # Printable ASCII without spaces, as the IETF Idempotency-Key draft and Stripe allow.
@@ -22,7 +22,7 @@ _TRUE = frozenset({"true", "1", "yes"})
 
 
 def idempotency_key(request: web.Request) -> str | None:
-    token = request.headers.get("Idempotency-Key")
+    token = header(request, "Idempotency-Key")
     if token is None:
         return None
     token = token.strip().strip('"')  # the draft sends it as a structured-field string
@@ -32,14 +32,14 @@ def idempotency_key(request: web.Request) -> str | None:
 
 
 def content_type(request: web.Request) -> str:
-    declared = request.headers.get("Content-Type")
+    declared = header(request, "Content-Type")
     return media_type(request.content_type if declared else None, request.charset)
 
 
 async def post_events(request: web.Request) -> web.Response:
     received_at_ms = time.time_ns() // 1_000_000
     state = request.app[STATE]
-    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    principal = authenticate(state.catalogue, header(request, "Authorization"))
     dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
     outcome = RequestOutcome(dataset.id, principal.key_id, request[REQUEST_ID], received_at_ms,
                              202, bytes=request.content_length or 0)
@@ -71,7 +71,7 @@ def respond(answer: Answer) -> web.Response:
 
 async def _ingest(request: web.Request, state, principal, dataset, received_at_ms: int,
                   outcome: RequestOutcome):
-    item_key = request.headers.get("X-Item-Key")
+    item_key = header(request, "X-Item-Key")
     if item_key is not None and item_key != dataset.item_key:
         if dataset.item_key is None:
             raise InvalidHeader(f"X-Item-Key {item_key!r} was sent, but dataset {dataset.id!r} "
@@ -79,7 +79,7 @@ async def _ingest(request: web.Request, state, principal, dataset, received_at_m
         raise InvalidHeader(f"X-Item-Key {item_key!r} does not match dataset "
                             f"{dataset.id!r}'s item key {dataset.item_key!r}")
     mime = content_type(request)
-    gzipped = check_encoding(request.headers.get("Content-Encoding"))
+    gzipped = check_encoding(header(request, "Content-Encoding"))
     check_declared_length(request.content_length, dataset.max_request_bytes)
     token = idempotency_key(request)
     body = await read_limited(request.content, dataset.max_request_bytes,

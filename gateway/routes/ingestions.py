@@ -14,7 +14,7 @@ from gateway.chunks import chunk_step
 from gateway.errors import DatasetNotFound, InvalidParameter, UnsupportedMediaType
 from gateway.ingest import Answer, IngestRequest
 from gateway.payload import JSON, check_declared_length, check_encoding, gunzip, read_limited
-from gateway.protocol import add_routes
+from gateway.protocol import add_routes, header
 from gateway.routes.events import content_type, idempotency_key, recorded, respond
 from gateway.routes.stats import page, read_stats
 from gateway.sessions import STATUSES, Sessions, location, parse_close, parse_create
@@ -33,7 +33,7 @@ def _now_ms() -> int:
 
 
 def _principal(request: web.Request) -> Principal:
-    return authenticate(request.app[STATE].catalogue, request.headers.get("Authorization"))
+    return authenticate(request.app[STATE].catalogue, header(request, "Authorization"))
 
 
 async def _control_body(request: web.Request) -> bytes:
@@ -41,7 +41,7 @@ async def _control_body(request: web.Request) -> bytes:
     if content_type(request) != JSON:
         raise UnsupportedMediaType("send application/json: opening and closing a session "
                                    "take one JSON object")
-    gzipped = check_encoding(request.headers.get("Content-Encoding"))
+    gzipped = check_encoding(header(request, "Content-Encoding"))
     check_declared_length(request.content_length, CONTROL_MAX_BYTES)
     body = await read_limited(request.content, CONTROL_MAX_BYTES,
                               request.app[STATE].settings.body_timeout_s)
@@ -129,7 +129,7 @@ async def _chunk(request: web.Request, principal: Principal, dataset: Dataset,
     state = request.app[STATE]
     sessions = request.app[SESSIONS]
     mime = content_type(request)
-    gzipped = check_encoding(request.headers.get("Content-Encoding"))
+    gzipped = check_encoding(header(request, "Content-Encoding"))
     limit = sessions.chunk_limit(dataset)
     check_declared_length(request.content_length, limit)
     token = idempotency_key(request)

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from gateway.auth import authenticate, authorize
 from gateway.errors import Forbidden, InvalidParameter, NotFound, RedisUnavailable
-from gateway.protocol import add_routes
+from gateway.protocol import add_routes, header
 from gateway.state import STATE
 from schemas import outcomes as o
 from schemas import windows as w
@@ -49,7 +49,7 @@ async def read_stats(redis: Redis, keys: Sequence[str], scope: str
 
 async def dataset_stats(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    principal = authenticate(state.catalogue, header(request, "Authorization"))
     dataset = authorize(state.catalogue, principal, request.match_info["dataset"])
     try:
         connectors = sorted(c.decode() for c in
@@ -103,7 +103,7 @@ def _entry(raw: dict[bytes, bytes], errors: list[bytes]) -> dict[str, Any]:
 
 async def connector_logs(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    principal = authenticate(state.catalogue, request.headers.get("Authorization"))
+    principal = authenticate(state.catalogue, header(request, "Authorization"))
     connector = request.match_info["connector"]
     datasets = state.catalogue.datasets_of(connector)
     if datasets is None and connector != o.KAFKA_CONNECTOR:

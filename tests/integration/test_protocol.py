@@ -164,3 +164,30 @@ async def test_expect_100_continue_is_honoured_and_other_expectations_ignored(ga
         writer.close()
     assert final.startswith(b"HTTP/1.1 202 "), final
     assert len(await gateway.published()) == 2
+
+
+@pytest.mark.parametrize("name, second, code", [
+    ("Authorization", b"Bearer sk_other_secret", "INVALID_HEADER"),
+    ("Idempotency-Key", b"order-2", "INVALID_HEADER"),
+    ("X-Item-Key", b"region", "INVALID_HEADER"),
+    ("Content-Encoding", b"identity", "INVALID_HEADER"),
+    ("Content-Type", b"application/x-ndjson", "MALFORMED_REQUEST"),  # aiohttp's parser
+])
+async def test_a_header_sent_twice_is_refused_not_guessed_between(gateway, name, second, code):
+    """A proxy in front may read the other copy: the gateway picks neither."""
+    first = {"Authorization": b"Bearer " + gateway.key.encode(), "Idempotency-Key": b"order-1",
+             "X-Item-Key": b"region", "Content-Type": b"application/json",
+             "Content-Encoding": b"identity"}
+    head = b"".join(b"%s: %s\r\n" % (k.encode(), v) for k, v in first.items())
+    request = (PUSH + head + name.encode() + b": " + second + b"\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY)
+    status, headers, body = await exchange(gateway.client.port, request)
+    doc = assert_problem(status, headers, body, 400, code)
+    if code == "INVALID_HEADER":
+        assert doc["detail"] == f"{name} was sent 2 times; send it once"
+    assert await gateway.published() == []
+    # and twice the same X-Request-ID is replaced, as any unusable one is
+    status, headers, _ = await exchange(gateway.client.port, (
+        b"GET /healthz HTTP/1.1\r\nHost: sluice\r\nX-Request-ID: a\r\nX-Request-ID: a\r\n"
+        b"Connection: close\r\n\r\n"))
+    assert status == 200 and headers["x-request-id"].startswith("req_")
