@@ -29,12 +29,14 @@ from gateway.errors import (
     InvalidHeader,
     MalformedRequest,
 )
+from gateway.payload import read_limited
 from schemas import metrics
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROBLEM_JSON = "application/problem+json"
+_AWAITS_CONTINUE = web.RequestKey("awaits_continue", bool)  # Expect: 100-continue was sent
 MALFORMED_ROUTE = "malformed"  # the route label of requests no route could be chosen for
 # Where a parser message starts quoting the request: ": ", or a quote opening a value.
 _QUOTED = re.compile(r""":|\s(?:b?['"]|bytearray\()""")
@@ -78,14 +80,23 @@ def header(request: web.Request, name: str) -> str | None:
 
 
 async def expect_continue(request: web.Request) -> None:
-    """Every route's ``Expect`` handling: ``100-continue`` gets its interim answer, and any
-    other expectation is ignored, as RFC 9110 allows, so the request is answered like one
-    without it. (aiohttp's default answers those with a text/plain 417 that bypasses the
-    middleware, so no problem+json and no request id.)"""
+    """Every route's ``Expect`` handling. ``100-continue`` is noted, and answered only when the
+    route reads the body (read_body): a request refused before that (its key, its dataset, its
+    headers, its declared length) is refused without the client sending the body, which is
+    what the client asked to learn. Any other expectation is ignored, as RFC 9110 allows, so
+    the request is answered like one without it (aiohttp's default answers those with a
+    text/plain 417 that bypasses the middleware: no problem+json, no request id)."""
     expect = request.headers.get("Expect", "")
     if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        request[_AWAITS_CONTINUE] = True
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The body (payload.read_limited), after the ``100 Continue`` a client may wait for."""
+    if request.get(_AWAITS_CONTINUE):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not the start of the answer
+    return await read_limited(request.content, limit, timeout_s)
 
 
 def add_routes(app: web.Application, *table: tuple[str, str, Handler]) -> None:

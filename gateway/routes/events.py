@@ -12,8 +12,8 @@ from gateway.accounting import Accountant, RequestOutcome
 from gateway.auth import authenticate, authorize
 from gateway.errors import ApiError, InvalidHeader
 from gateway.ingest import Answer, IngestRequest
-from gateway.payload import check_declared_length, check_encoding, media_type, read_limited
-from gateway.protocol import add_routes, header
+from gateway.payload import check_declared_length, check_encoding, media_type
+from gateway.protocol import add_routes, header, read_body
 from gateway.state import REQUEST_ID, STATE
 
 # Printable ASCII without spaces, as the IETF Idempotency-Key draft and Stripe allow.
@@ -82,8 +82,7 @@ async def _ingest(request: web.Request, state, principal, dataset, received_at_m
     gzipped = check_encoding(header(request, "Content-Encoding"))
     check_declared_length(request.content_length, dataset.max_request_bytes)
     token = idempotency_key(request)
-    body = await read_limited(request.content, dataset.max_request_bytes,
-                              state.settings.body_timeout_s)
+    body = await read_body(request, dataset.max_request_bytes, state.settings.body_timeout_s)
     outcome.bytes = len(body)
     return await state.ingestor.ingest(IngestRequest(
         dataset=dataset,

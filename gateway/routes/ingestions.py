@@ -13,8 +13,8 @@ from gateway.auth import authenticate, authorize
 from gateway.chunks import chunk_step
 from gateway.errors import DatasetNotFound, InvalidParameter, UnsupportedMediaType
 from gateway.ingest import Answer, IngestRequest
-from gateway.payload import JSON, check_declared_length, check_encoding, gunzip, read_limited
-from gateway.protocol import add_routes, header
+from gateway.payload import JSON, check_declared_length, check_encoding, gunzip
+from gateway.protocol import add_routes, header, read_body
 from gateway.routes.events import content_type, idempotency_key, recorded, respond
 from gateway.routes.stats import page, read_stats
 from gateway.sessions import STATUSES, Sessions, location, parse_close, parse_create
@@ -43,8 +43,8 @@ async def _control_body(request: web.Request) -> bytes:
                                    "take one JSON object")
     gzipped = check_encoding(header(request, "Content-Encoding"))
     check_declared_length(request.content_length, CONTROL_MAX_BYTES)
-    body = await read_limited(request.content, CONTROL_MAX_BYTES,
-                              request.app[STATE].settings.body_timeout_s)
+    body = await read_body(request, CONTROL_MAX_BYTES,
+                           request.app[STATE].settings.body_timeout_s)
     return gunzip(body, CONTROL_MAX_BYTES) if gzipped else body
 
 
@@ -133,7 +133,7 @@ async def _chunk(request: web.Request, principal: Principal, dataset: Dataset,
     limit = sessions.chunk_limit(dataset)
     check_declared_length(request.content_length, limit)
     token = idempotency_key(request)
-    body = await read_limited(request.content, limit, state.settings.body_timeout_s)
+    body = await read_body(request, limit, state.settings.body_timeout_s)
     outcome.bytes = len(body)
     session_id = outcome.session_id
     return await state.ingestor.ingest(

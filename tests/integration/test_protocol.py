@@ -144,7 +144,9 @@ async def test_a_body_that_stops_arriving_gets_408_and_publishes_nothing(make_ga
     assert await gateway.published() == []
 
 
-async def test_expect_100_continue_is_honoured_and_other_expectations_ignored(gateway):
+async def test_expect_100_continue_is_answered_when_the_body_is_needed(gateway):
+    """Other expectations are ignored (RFC 9110 allows it); 100 Continue comes only once every
+    check that needs no body has passed, so a refused client never sends its body."""
     port = gateway.client.port
     head = (PUSH + b"Authorization: Bearer " + gateway.key.encode() + b"\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(BODY))
@@ -163,6 +165,15 @@ async def test_expect_100_continue_is_honoured_and_other_expectations_ignored(ga
     finally:
         writer.close()
     assert final.startswith(b"HTTP/1.1 202 "), final
+    # refused before its body is needed (an unknown key): no 100 Continue, the answer at once
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.replace(gateway.key.encode(), gateway.key.encode()[:-4] + b"abcd")
+                     + b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        refused = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    assert refused.startswith(b"HTTP/1.1 401 "), refused
     assert len(await gateway.published()) == 2
 
 
