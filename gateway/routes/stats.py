@@ -23,6 +23,7 @@ from schemas import outcomes as o
 from schemas import windows as w
 
 MAX_PAGE = 1000
+MAX_FROM = 2**31 - 1  # beyond any listing; Redis refuses indices past 64 bits (as a 503)
 
 
 def _stats(raw: dict[bytes, bytes]) -> dict[str, Any]:
@@ -73,8 +74,9 @@ def page(request: web.Request) -> tuple[int, int]:
         size = int(request.query.get("size", "50"))
     except ValueError:
         raise InvalidParameter("from and size must be integers") from None
-    if start < 0 or not 1 <= size <= MAX_PAGE:
-        raise InvalidParameter(f"from must be >= 0 and size between 1 and {MAX_PAGE}")
+    if not 0 <= start <= MAX_FROM or not 1 <= size <= MAX_PAGE:
+        raise InvalidParameter(f"from must be between 0 and {MAX_FROM} and size between 1 "
+                               f"and {MAX_PAGE}")
     return start, size
 
 

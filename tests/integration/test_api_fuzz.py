@@ -47,12 +47,18 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", 401, 403, 404, 409, 
 """
 
 
-async def test_the_api_answers_as_its_openapi_description_says(tmp_path, kafka, redis_url):
+RATE_LIMITED = {"SLUICE_RATE_LIMIT_RPS": "5", "SLUICE_RATE_LIMIT_BURST": "5"}
+
+
+@pytest.mark.parametrize("env", [{}, RATE_LIMITED], ids=["unlimited", "rate-limited"])
+async def test_the_api_answers_as_its_openapi_description_says(tmp_path, kafka, redis_url, env):
+    """Rate-limited too, so that most pushes, chunks and opens get the 429 answer (with its
+    Retry-After and RateLimit-* headers) or carry the RateLimit-* headers of a 2xx."""
     if not FUZZER.exists():
         pytest.fail(f"{FUZZER} is missing: `make fuzz-venv` installs it (`make test` does)")
     # The append-only dataset whose schema takes any object: generated bodies are valid.
     proc, base, key, _ = await start_gateway(tmp_path, kafka.bootstrap, redis_url, 1,
-                                             dataset="other")
+                                             dataset="other", **env)
     async with aiohttp.ClientSession() as client, client.post(
             f"{base}/v1/ingestions", json={"dataset": "other"},
             headers={"Authorization": f"Bearer {key}"}) as opened:
