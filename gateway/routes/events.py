@@ -25,7 +25,9 @@ def idempotency_key(request: web.Request) -> str | None:
     token = header(request, "Idempotency-Key")
     if token is None:
         return None
-    token = token.strip().strip('"')  # the draft sends it as a structured-field string
+    token = token.strip()
+    if len(token) > 2 and token[0] == token[-1] == '"':  # the IETF draft's form: a quoted
+        token = token[1:-1]  # structured-field string, the same key as the bare text
     if not _IDEMPOTENCY_KEY_RE.match(token):
         raise InvalidHeader("Idempotency-Key must be 1-255 printable ASCII characters")
     return token

@@ -259,6 +259,18 @@ async def test_x_item_key_must_match_the_dataset(gateway):
     assert await gateway.published(gateway.other_topic) == []
 
 
+async def test_a_quoted_idempotency_key_is_the_bare_one_and_quotes_alone_are_keys(gateway):
+    """The IETF draft sends the key as a structured-field string ("order-9"); any other
+    printable text, quotes included, is a key as it is (the API fuzz test sent `"`)."""
+    first = await gateway.post(orjson.dumps(ITEMS), **{"Idempotency-Key": '"order-9"'})
+    again = await gateway.post(orjson.dumps(ITEMS), **{"Idempotency-Key": "order-9"})
+    assert first.status == again.status == 202
+    assert again.headers["Idempotent-Replayed"] == "true"
+    for odd in ('"', '""', '"order-9'):
+        assert (await gateway.post(orjson.dumps(ITEMS), **{"Idempotency-Key": odd})).status == 202
+    assert len(await gateway.published()) == 4
+
+
 async def test_idempotent_replay_publishes_nothing(gateway):
     first = await gateway.post(orjson.dumps(ITEMS), **{"Idempotency-Key": "order-1"})
     assert first.status == 202 and "Idempotent-Replayed" not in first.headers
