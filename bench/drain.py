@@ -21,7 +21,7 @@ import orjson
 from bench import bodies
 from bench.catalogue import write_catalogue
 from bench.kafka import committed_total, produce
-from bench.procs import start
+from bench.procs import cpu_seconds, descendants, named, start
 from tests.services import POSTGRES_URL, create_topics, ensure_postgres
 
 EVENTS_PER_RECORD = 100
@@ -56,8 +56,21 @@ def _values(records: int) -> list[bytes]:
     return [bodies.array_of(EVENTS_PER_RECORD, seed=seed) for seed in range(records)]
 
 
+def _cpu(workers_pids: list[int], broker_pid: int | None, store: str) -> dict[str, float]:
+    """CPU seconds so far of the workers, the broker and the storage server (every process of
+    the machine's PostgreSQL: its backends, WAL writer and checkpointer; SQLite runs inside
+    the workers)."""
+    out = {"workers": cpu_seconds(workers_pids)}
+    if broker_pid is not None:
+        out["broker"] = cpu_seconds(descendants(broker_pid))
+    if store == "postgresql":
+        out["storage"] = cpu_seconds(named("postgres"))
+    return out
+
+
 async def drain_one(store: str, bootstrap: str, redis_url: str, key: str, work: Path,
-                    events: int, processes: int, upsert: bool = False) -> dict[str, Any]:
+                    events: int, processes: int, upsert: bool = False,
+                    broker_pid: int | None = None) -> dict[str, Any]:
     """``upsert``: the `sales` example as it is, with its item key (the merge path: one row
     per region, the newest wins), instead of one row per event."""
     suffix = os.urandom(3).hex()
@@ -87,6 +100,8 @@ async def drain_one(store: str, bootstrap: str, redis_url: str, key: str, work: 
             now = time.monotonic()
             if done and first_commit is None:
                 first_commit, first_done = now, done
+                workers.refresh()
+                cpu_first = _cpu(workers.pids, broker_pid, store)
             if done >= sent:
                 break
             if workers.proc.poll() is not None or now - started > TIMEOUT_S:
@@ -96,6 +111,7 @@ async def drain_one(store: str, bootstrap: str, redis_url: str, key: str, work: 
         finished = time.monotonic()
         workers.refresh()
         cpu = workers.cpu()
+        cpu_last = _cpu(workers.pids, broker_pid, store)
     finally:
         workers.stop()
     rows = await _rows(storage, dataset)
@@ -106,25 +122,32 @@ async def drain_one(store: str, bootstrap: str, redis_url: str, key: str, work: 
                            f"({expected} expected)")
     steady_events = (sent - first_done) * EVENTS_PER_RECORD
     steady_s = finished - first_commit
+    steady_cpu = {name: cpu_last[name] - cpu_first[name] for name in cpu_last}
     if steady_events < drained / 2:  # a backlog too small to see a steady rate: all of it
         steady_events, steady_s = drained, finished - started
+        steady_cpu = {}
     return {
         "events": drained, "rows": rows, "seconds": round(finished - started, 2),
         "steady_seconds": round(steady_s, 2),
         "events_per_s": round(steady_events / steady_s) if steady_s > 0 else None,
         "backlog_produce_seconds": round(produce_s, 2), "workers": processes,
         "partitions": partitions, "workers_cpu_s": round(cpu, 1),
+        # where the machine's CPU went per event while draining (steady part): the workers,
+        # the broker serving their fetches, and the storage server writing the rows
+        "cpu_us_per_event": {name: round(seconds / steady_events * 1e6, 2)
+                             for name, seconds in steady_cpu.items()},
     }
 
 
 def drain(bootstrap: str, redis_url: str, key: str, work: Path, events: int,
-          processes: int) -> dict[str, dict[str, Any]]:
+          processes: int, broker_pid: int | None = None) -> dict[str, dict[str, Any]]:
     results = {}
     for store, upsert in (("sqlite", False), ("postgresql", False), ("postgresql", True)):
         name = f"{store}_upsert" if upsert else store
         results[name] = asyncio.run(drain_one(store, bootstrap, redis_url, key, work, events,
-                                              processes, upsert))
+                                              processes, upsert, broker_pid))
         r = results[name]
+        cpu = ", ".join(f"{k} {v}" for k, v in r["cpu_us_per_event"].items())
         print(f"  drain {name:<19} {r['events_per_s']:,} events/s, {r['events']:,} events in "
-              f"{r['seconds']} s", flush=True)
+              f"{r['seconds']} s (cpu us/event: {cpu or 'backlog too small'})", flush=True)
     return results

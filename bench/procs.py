@@ -42,6 +42,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def named(command: str) -> list[int]:
+    """Every process whose command name is ``command`` (a server we did not start)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == command:
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
 def cpu_seconds(pids: Iterable[int]) -> float:
     total = 0
     for pid in pids:

@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_drain:
             bench.fresh_broker()
             report["drain"] = drain(bench.kafka.bootstrap, bench.redis.url, bench.key, work,
-                                    args.drain_events, args.processes)
+                                    args.drain_events, args.processes, bench.kafka.proc.pid)
             report["drain_events_per_s"] = {store: d["events_per_s"]
                                             for store, d in report["drain"].items()}
         report["redis_cpu_us_per_request"] = redis_cpu.run()
