@@ -86,20 +86,38 @@ def connector_log_key(connector: str) -> str:
 LOG_SCRIPT = """
 local ttl = ARGV[1]
 local entries = cjson.decode(ARGV[4])
+local scored = {}
 for i, entry in ipairs(entries) do
   local key = KEYS[i + 1]
   redis.call('HSET', key, unpack(entry[3]))
   redis.call('PEXPIRE', key, ttl)
   redis.call('PEXPIRE', key .. ':errors', ttl)
-  redis.call('ZADD', KEYS[1], string.format('%d', entry[1]), entry[2])
+  scored[#scored + 1] = string.format('%d', entry[1])
+  scored[#scored + 1] = entry[2]
 end
+-- one command per 1,000 values, not one per entry (a call from Lua costs more than its
+-- arguments; unpack() holds a few thousand values at most)
+local function in_slices(command, key, values)
+  for first = 1, #values, 1000 do
+    local last = math.min(first + 999, #values)
+    if key then
+      redis.call(command, key, unpack(values, first, last))
+    else
+      redis.call(command, unpack(values, first, last))
+    end
+  end
+end
+in_slices('ZADD', KEYS[1], scored)
 local prefix, beyond, older = ARGV[5], -(tonumber(ARGV[2]) + 1), '(' .. ARGV[3]
+local doomed = {}
 for _, ids in ipairs({redis.call('ZRANGE', KEYS[1], 0, beyond),
                       redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', older)}) do
   for _, id in ipairs(ids) do
-    redis.call('DEL', prefix .. id, prefix .. id .. ':errors')
+    doomed[#doomed + 1] = prefix .. id
+    doomed[#doomed + 1] = prefix .. id .. ':errors'
   end
 end
+in_slices('DEL', nil, doomed)
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, beyond)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', older)
 return #entries

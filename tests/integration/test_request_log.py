@@ -84,6 +84,25 @@ async def test_entries_beyond_the_newest_n_are_trimmed_with_their_keys(redis):
     assert len(await redis.keys(o.request_key(CONNECTOR, "*"))) == 3
 
 
+async def test_a_flush_of_thousands_of_entries_writes_and_trims_them_all(redis):
+    # beyond one slice of the script's batched ZADD and DEL (1,000 values: 500 entries), as
+    # after a Redis outage, when the whole backlog of outcomes is flushed at once
+    accountant = Accountant(redis, log_max_entries=100)
+    now = int(time.time() * 1000)
+    for i in range(1_501):
+        accountant.record(outcome(f"a{i}", now + i))
+    await worker_counts(redis, "a7", written=2, errors=1, received_at_ms=now + 7)
+    await accountant.flush()
+    assert await log_ids(redis) == [f"a{i}" for i in range(1_401, 1_501)]
+    assert len(await redis.keys(o.request_key(CONNECTOR, "*"))) == 100
+    for i in range(1_501):
+        accountant.record(outcome(f"b{i}", now + 10_000 + i))
+    await accountant.flush()
+    assert await log_ids(redis) == [f"b{i}" for i in range(1_401, 1_501)]
+    assert sorted(await redis.keys(o.request_key(CONNECTOR, "*"))) == sorted(
+        o.request_key(CONNECTOR, f"b{i}").encode() for i in range(1_401, 1_501))
+
+
 async def test_entries_older_than_the_maximum_age_are_trimmed_with_their_keys(redis):
     accountant = Accountant(redis, log_max_entries=100, log_max_age_s=86_400)
     now = int(time.time() * 1000)
