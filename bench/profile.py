@@ -2,6 +2,7 @@
 runs one scenario, then prints the functions with the most samples (own and inclusive).
 
     python -m bench.profile [--scenario array100] [--seconds 15] [--processes 2] [--native]
+                            [--rate 250]
 
 Collapsed stacks of each process are left in var/profile/ (speedscope and flamegraph.pl
 read them). py-spy
@@ -90,6 +91,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--native", action="store_true", help="include C frames")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="requests/s at a constant rate (default: as many as wrk gets)")
     parser.add_argument("--top", type=int, default=40)
     args = parser.parse_args()
     args.skip_drain = True
@@ -103,7 +106,7 @@ def main() -> None:
             body, _, gz = bench.bodies[args.scenario]
             result: dict = {}
             loader = threading.Thread(target=lambda: result.update(r=load.run(
-                url, body, seconds=args.seconds + 2, key=bench.key, gzip=gz)))
+                url, body, seconds=args.seconds + 2, key=bench.key, gzip=gz, rate=args.rate)))
             loader.start()
             files = record(servers, args.seconds, args.native)
             loader.join()
