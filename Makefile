@@ -4,28 +4,39 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 FUZZ_VENV := $(VENV)/schemathesis
-FUZZ_STAMP := $(FUZZ_VENV)/.installed-$(shell sha1sum tests/fuzz/requirements.txt | cut -c1-12)
+FUZZ_STAMP := $(FUZZ_VENV)/.installed-$(shell cat tests/fuzz/requirements.txt tests/fuzz/constraints.txt | sha1sum | cut -c1-12)
+LOCK_VENV := $(VENV)/pip-tools
+COMPILE := CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --upgrade --strip-extras --no-emit-index-url --no-emit-find-links
 
-.PHONY: run test test-unit lint fmt clean venv fuzz-venv system-deps bench bench-deps profile soak ab
+.PHONY: run test test-unit lint fmt clean venv fuzz-venv system-deps bench bench-deps profile soak ab lock
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every package at the version constraints.txt locks (the versions the tests passed with)
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 # schemathesis, which fuzzes the HTTP API against docs/openapi.yaml, has a virtualenv of its own
 fuzz-venv: $(FUZZ_STAMP)
 
-$(FUZZ_STAMP): tests/fuzz/requirements.txt | $(STAMP)
+$(FUZZ_STAMP): tests/fuzz/requirements.txt tests/fuzz/constraints.txt | $(STAMP)
 	@test -x $(FUZZ_VENV)/bin/python || $(PYTHON) -m venv $(FUZZ_VENV)
 	$(FUZZ_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(FUZZ_VENV)/bin/python -m pip install --quiet -r tests/fuzz/requirements.txt
+	$(FUZZ_VENV)/bin/python -m pip install --quiet -c tests/fuzz/constraints.txt -r tests/fuzz/requirements.txt
 	@rm -f $(FUZZ_VENV)/.installed-* && touch $@
+
+# Re-resolve both locks to the newest releases pyproject.toml and tests/fuzz/requirements.txt
+# allow (pip-tools' pip-compile, in a virtualenv of its own); then `make test` before committing.
+lock:
+	@test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) && \
+	  $(LOCK_VENV)/bin/python -m pip install --quiet pip-tools; }
+	$(COMPILE) --extra=dev --output-file=constraints.txt pyproject.toml
+	$(COMPILE) --output-file=tests/fuzz/constraints.txt tests/fuzz/requirements.txt
 
 # redis-server and prometheus (promtool, and the server the scrape test runs) come from Debian's
 # packages; Kafka (Tansu) and everything else from PyPI.
