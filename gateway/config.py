@@ -8,7 +8,6 @@ variable's name and what is allowed.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,20 +25,19 @@ from schemas.envconfig import (
     redis_url,
     table,
 )
-from schemas.keys import KEY_ID_RE, IngestKey
-
-_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+from schemas.keys import KEY_ID_RE, SHA256_RE, IngestKey
 
 
 def _admin_keys(raw: str) -> tuple[IngestKey, ...]:
     keys = []
     for entry in filter(None, (e.strip() for e in raw.split(","))):
         key_id, sep, digest = entry.partition(":")
-        if not sep or not _SHA256_HEX.match(digest):
+        digest = digest.lower()
+        if not sep or not SHA256_RE.match(digest):
             raise ValueError("must be a comma-separated list of <key id>:<sha256 hex>")
         if not KEY_ID_RE.match(key_id):  # no presented key could ever carry this id
             raise ValueError(f"key id {key_id!r} must match {KEY_ID_RE.pattern}")
-        keys.append(IngestKey(key_id, digest.lower()))
+        keys.append(IngestKey(key_id, digest))
     return tuple(keys)
 
 

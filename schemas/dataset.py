@@ -9,10 +9,9 @@ from typing import Any
 import jsonschema_rs
 
 from schemas.columns import check_column_names, properties, store_bounded
-from schemas.keys import KEY_ID_RE, IngestKey
+from schemas.keys import KEY_ID_RE, SHA256_RE, IngestKey
 
 DATASET_ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _ITEM_ID = "urn:sluice:dataset-item"
 _KNOWN_FIELDS = {
     "id", "title", "description", "schema", "item_key", "event_id", "entry_topic",
@@ -211,7 +210,7 @@ def _ingest_keys(raw: Any) -> tuple[IngestKey, ...]:
         digest = entry.get("sha256") if isinstance(entry, dict) else None
         if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
             raise DatasetError(f"ingest_keys[{i}].id: {key_id!r} must match {KEY_ID_RE.pattern}")
-        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+        if not isinstance(digest, str) or not SHA256_RE.match(digest):
             raise DatasetError(f"ingest_keys[{i}].sha256: must be 64 lowercase hex digits")
         keys.append(IngestKey(key_id, digest))
     return tuple(keys)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 KEY_PREFIX = "sk_"
 KEY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")  # a stored key: its SHA-256, lowercase hex
 _SECRET_BYTES = 24
 
 
