@@ -40,7 +40,7 @@ _NO_LIMIT = RateLimit(0, 0)  # a look again takes no token: the first look took 
 # event loop, in order: one script call, one read and one write of the token bucket.
 # KEYS: the rate bucket, then the Idempotency-Key records of the requests that have one.
 # ARGV: rate/s (0: no limit), burst, lock TTL ms, then per request: the index in KEYS of its
-# Idempotency-Key record (0 for none), its fingerprint, its owner (request id).
+# Idempotency-Key record (0 for none), its fingerprint, its owner (a token of the ingest call).
 # Returns per request {verdict, remaining, reset_ms[, stored answer]} (Verdict below).
 _ADMIT = """
 local t = redis.call('TIME')

@@ -6,6 +6,7 @@ Knows nothing of HTTP: it takes an IngestRequest and returns an Answer or raises
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,9 +79,13 @@ class Ingestor:
         idem = (redis_keys.idempotency_key(dataset.id, key_id, req.idempotency_key)
                 if req.idempotency_key is not None else None)
         fingerprint = _fingerprint(req, body, operation) if idem else ""
+        # The claim's owner is this call, never the client's X-Request-ID: a client retrying
+        # with the same request id while the first attempt is in flight must get 409, and
+        # only the Redis client's own retry of the admission call (same owner) proceeds.
+        owner = secrets.token_hex(12) if idem else ""
         admission = await self._admitter.admit(
             redis_keys.rate_bucket_key(dataset.id, key_id), dataset.rate_limit, idem,
-            fingerprint, req.request_id)
+            fingerprint, owner)
         headers = _rate_headers(dataset.rate_limit, admission)
         _refuse(admission, headers)
         if admission.verdict is Verdict.REPLAY:
@@ -90,10 +95,10 @@ class Ingestor:
             answer = await (process or self._process)(req, body, headers)
         except BaseException:
             if idem is not None:
-                await self._admitter.release(idem, req.request_id)
+                await self._admitter.release(idem, owner)
             raise
         if idem is not None:  # stored with the next pipeline; the answer does not wait for it
-            self._admitter.complete(idem, req.request_id, answer.status, answer.body)
+            self._admitter.complete(idem, owner, answer.status, answer.body)
         return answer
 
     async def _process(self, req: IngestRequest, body: bytes, headers: dict[str, str]) -> Answer:

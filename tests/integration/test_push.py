@@ -335,6 +335,23 @@ async def test_concurrent_duplicates_publish_exactly_once(gateway):
     assert len(await gateway.published()) == 1
 
 
+async def test_retries_reusing_the_request_id_still_publish_exactly_once(gateway):
+    """A client that retries with its own X-Request-ID while the first attempt is in flight
+    does not own that attempt's claim: the claim belongs to the gateway's call, not to the
+    request id (which the client chooses)."""
+    body = orjson.dumps(ITEMS)
+    responses = await asyncio.gather(*(
+        gateway.post(body, **{"Idempotency-Key": "retry", "X-Request-ID": "client-op-7"})
+        for _ in range(20)))
+    assert {r.status for r in responses} <= {202, 409}
+    fresh = [r for r in responses if r.status == 202 and "Idempotent-Replayed" not in r.headers]
+    assert len(fresh) == 1
+    for r in responses:
+        if r.status == 409:
+            await assert_problem(r, 409, "IDEMPOTENCY_KEY_IN_USE")
+    assert len(await gateway.published()) == 1
+
+
 async def test_429_token_bucket_per_key(make_gateway):
     gw = await make_gateway(rate_limit={"requests_per_second": 0.5, "burst": 2})
     first = await gw.post(orjson.dumps(ITEMS))
