@@ -146,7 +146,9 @@ class Accountant:
                                     for out in outcomes])
             await self._log(keys=keys, args=[self._log_age_ms, self._log_max,
                                              now - self._log_age_ms, entries,
-                                             o.request_key(connector, "")], client=pipe)
+                                             o.request_key(connector, ""),
+                                             o.request_errors_key(connector, "")],
+                              client=pipe)
         await pipe.execute()
 
 

@@ -63,8 +63,10 @@ def request_key(connector: str, request_id: str) -> str:
 
 
 def request_errors_key(connector: str, request_id: str) -> str:
-    """List of error entries the workers met for one request (capped)."""
-    return f"{PREFIX}:req:{_connector_tag(connector)}:{request_id}:errors"
+    """List of error entries the workers met for one request (capped). A namespace of its own:
+    were it the entry's key plus a suffix, request ``R:errors``'s entry would be request
+    ``R``'s list (request ids come from clients and Kafka headers)."""
+    return f"{PREFIX}:reqerr:{_connector_tag(connector)}:{request_id}"
 
 
 def connector_log_key(connector: str) -> str:
@@ -78,20 +80,21 @@ def connector_log_key(connector: str) -> str:
 # 7 days at 5,000 requests/s is 3 billion hashes).
 # KEYS: the connector's log, then each entry's request hash (in ARGV[4]'s order).
 # ARGV: ttl ms, entries kept, oldest score kept, JSON [[score, request_id, [field, value, ...]]]
-# (values as strings), the request hash prefix (request_key(connector, '')).
+# (values as strings), the request hash prefix (request_key(connector, '')), the error list
+# prefix (request_errors_key(connector, '')).
 # A worker may have counted a request before its entry is written (REQUESTS_SCRIPT); the
 # entry's TTL then replaces the short one the worker gave its hash and error list.
 # The deleted keys are not in KEYS, but share the log's hash tag: same slot on Redis Cluster.
 # The score is written as an integer (Lua would print a large one as 1.7e+12).
 LOG_SCRIPT = """
-local ttl = ARGV[1]
+local ttl, lists = ARGV[1], ARGV[6]
 local entries = cjson.decode(ARGV[4])
 local scored = {}
 for i, entry in ipairs(entries) do
   local key = KEYS[i + 1]
   redis.call('HSET', key, unpack(entry[3]))
   redis.call('PEXPIRE', key, ttl)
-  redis.call('PEXPIRE', key .. ':errors', ttl)
+  redis.call('PEXPIRE', lists .. entry[2], ttl)
   scored[#scored + 1] = string.format('%d', entry[1])
   scored[#scored + 1] = entry[2]
 end
@@ -114,7 +117,7 @@ for _, ids in ipairs({redis.call('ZRANGE', KEYS[1], 0, beyond),
                       redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', older)}) do
   for _, id in ipairs(ids) do
     doomed[#doomed + 1] = prefix .. id
-    doomed[#doomed + 1] = prefix .. id .. ':errors'
+    doomed[#doomed + 1] = lists .. id
   end
 end
 in_slices('DEL', nil, doomed)
@@ -130,13 +133,15 @@ return #entries
 # hash and error list get ORPHAN_TTL_MS, which the log entry, when it comes, replaces with
 # the log's TTL. A logged request's hash keeps the TTL the log gave it.
 # KEYS: the connector's log, then the request hashes (one connector: one hash tag).
-# ARGV: orphan ttl ms, error list cap, then per request: receive time ms, n counters,
-# n errors, the counters as field, increment pairs, the errors.
+# ARGV: orphan ttl ms, error list cap, the request hash prefix, the error list prefix, then
+# per request: receive time ms, n counters, n errors, the counters as field, increment pairs,
+# the errors.
 REQUESTS_SCRIPT = """
 local orphan, cap = ARGV[1], tonumber(ARGV[2])
+local hashes, lists = #ARGV[3], ARGV[4]
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
 oldest = oldest and tonumber(oldest)
-local i = 3
+local i = 5
 for k = 2, #KEYS do
   local key = KEYS[k]
   local received, counters, errors = tonumber(ARGV[i]), tonumber(ARGV[i + 1]),
@@ -149,7 +154,7 @@ for k = 2, #KEYS do
     end
     if not logged then redis.call('PEXPIRE', key, orphan) end
     if errors > 0 then
-      local list = key .. ':errors'
+      local list = lists .. string.sub(key, hashes + 1)
       redis.call('RPUSH', list, unpack(ARGV, first_error, first_error + errors - 1))
       redis.call('LTRIM', list, 0, cap - 1)
       local left = logged and redis.call('PTTL', key) or -1

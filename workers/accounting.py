@@ -121,7 +121,9 @@ class BatchOutcome:
             call = calls.get(connector)
             if call is None:
                 call = calls[connector] = ([o.connector_log_key(connector)],
-                                           [o.ORPHAN_TTL_MS, o.MAX_LOGGED_ERRORS])
+                                           [o.ORPHAN_TTL_MS, o.MAX_LOGGED_ERRORS,
+                                            o.request_key(connector, ""),
+                                            o.request_errors_key(connector, "")])
             counts = [x for pair in self.requests.get(request, {}).items() if pair[1]
                       for x in pair]
             errors = self.errors.get(request, [])[: o.MAX_LOGGED_ERRORS]

@@ -148,3 +148,22 @@ async def test_a_worker_counting_a_trimmed_request_leaves_nothing(redis):
     await worker_counts(redis, "third", written=2, errors=1, received_at_ms=now + 2)
     assert await keys_of(redis, "third") == {"entry", "errors"}
     assert 0 < await redis.pttl(o.request_key(CONNECTOR, "third")) <= o.ORPHAN_TTL_MS
+
+
+async def test_request_ids_that_extend_one_another_keep_their_keys_apart(redis):
+    """Request ids come from clients (X-Request-ID) and from Kafka headers: the entry of
+    request `R:errors` must not be the error list of request `R` (Redis would refuse every
+    command on it with WRONGTYPE: the log's pages, the workers' counts, the gateway's
+    flushes)."""
+    accountant = Accountant(redis)
+    accountant.record(outcome("ext:errors"))
+    accountant.record(outcome("ext"))
+    await accountant.flush()
+    await worker_counts(redis, "ext", written=1, errors=1)
+    await worker_counts(redis, "ext:errors", written=2, errors=2)
+    for request_id, written in (("ext", 1), ("ext:errors", 2)):
+        assert await keys_of(redis, request_id) == {"entry", "errors"}
+        assert (await redis.hgetall(o.request_key(CONNECTOR, request_id)))[b"written"] == (
+            str(written).encode())
+        assert len(await redis.lrange(o.request_errors_key(CONNECTOR, request_id), 0, -1)) == (
+            written)
