@@ -27,7 +27,9 @@ class IngestKey:
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way, and such a key
+    # must simply not match (401), not fail to encode (500)
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_key(key_id: str) -> str:

@@ -202,3 +202,16 @@ async def test_a_header_sent_twice_is_refused_not_guessed_between(gateway, name,
         b"GET /healthz HTTP/1.1\r\nHost: sluice\r\nX-Request-ID: a\r\nX-Request-ID: a\r\n"
         b"Connection: close\r\n\r\n"))
     assert status == 200 and headers["x-request-id"].startswith("req_")
+
+
+async def test_a_key_whose_bytes_are_not_utf8_is_401_and_publishes_nothing(gateway, caplog):
+    """aiohttp hands such header bytes over as surrogates; the key must not match, not fail."""
+    caplog.set_level(logging.DEBUG)
+    key_id = gateway.key[len(KEY_PREFIX):].partition("_")[0]
+    request = (PUSH + b"Connection: close\r\nAuthorization: Bearer "
+               + f"{KEY_PREFIX}{key_id}_".encode() + b"\xff\xfe\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY)
+    status, headers, body = await exchange(gateway.client.port, request)
+    assert_problem(status, headers, body, 401, "UNAUTHORIZED")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert await gateway.published() == []
