@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from gateway.ingest import Answer, IngestRequest, Process, raw_value
 from gateway.payload import parse_items
 from gateway.publisher import Publisher
 from gateway.sessions import Sessions
+from schemas.jsontext import dumps
 from schemas.records import RecordMeta
 from schemas.validation import Verdict, validate
 
@@ -39,7 +38,7 @@ def chunk_step(sessions: Sessions, publisher: Publisher, max_reported: int,
         finally:
             await sessions.leave(session_id, token, counts, req.principal.key_id,
                                  req.idempotency_key)
-        body = orjson.dumps(answer(session_id, req, items, verdict))
+        body = dumps(answer(session_id, req, items, verdict))  # it quotes the failed records
         return Answer(201, body, headers, accepted=len(verdict.valid), rejected=verdict.invalid,
                       errors=[e.as_dict() for e in verdict.errors])
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from schemas.jsontext import dumps
+
 # Header names (bytes values, ASCII). Keep in step with docs/kafka-records.md.
 H_REQUEST_ID = "sluice-request-id"
 H_CONNECTOR = "sluice-connector"
@@ -79,7 +81,7 @@ def encode_values(items: Sequence[object], max_bytes: int,
     encoded whole.
     """
     if size_hint is None or size_hint <= max_bytes or len(items) <= 1:
-        whole = orjson.dumps(items)
+        whole = dumps(items)
         if len(whole) <= max_bytes or len(items) <= 1:
             return [whole]
         size_hint = len(whole)
@@ -95,7 +97,7 @@ def _split(items: Sequence[object], size: int, max_bytes: int) -> list[bytes]:
     out: list[bytes] = []
     for start in range(0, len(items), step):
         part = items[start:start + step]
-        encoded = orjson.dumps(part)
+        encoded = dumps(part)
         if len(encoded) > max_bytes and len(part) > 1:
             out += _split(part, len(encoded), max_bytes)
         else:

@@ -10,6 +10,7 @@ from schemas.columns import NUL_MESSAGE, bound_message, may_hold_nul, nul_path
 from schemas.dataset import Dataset
 
 MAX_MESSAGE = 300  # characters of one error message (they quote the offending value)
+TOO_DEEP_MESSAGE = "the item does not match the schema, nested too deeply to say where"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +57,16 @@ def validate(dataset: Dataset, items: Sequence[Any], cap: int, body: bytes) -> V
             if where is not None:
                 errors.append(ItemError(index, where, NUL_MESSAGE))
             else:
-                error = next(check.iter_errors(item))
-                errors.append(ItemError(index, json_path(error.instance_path), _message(error)))
+                errors.append(_first_error(check, index, item))
     return Verdict(valid, invalid, errors)
+
+
+def _first_error(check: Any, index: int, item: Any) -> ItemError:
+    try:
+        error = next(check.iter_errors(item))
+    except ValueError:  # jsonschema-rs cannot describe an item nested this deep
+        return ItemError(index, "$", TOO_DEEP_MESSAGE)
+    return ItemError(index, json_path(error.instance_path), _message(error))
 
 
 def json_path(path: Sequence[Any]) -> str:

@@ -8,6 +8,7 @@ import gzip
 import orjson
 import pytest
 
+from schemas import jsontext
 from schemas.records import decode_value
 
 pytestmark = pytest.mark.integration
@@ -158,6 +159,34 @@ async def test_partial_publishes_only_what_the_stores_can_keep(gateway):
     assert [(e["index"], e["path"]) for e in body["rejected"]] == [
         (1, "$.units"), (2, "$.region"), (3, "$.tags")]
     assert [e["region"] for e in events(await gateway.published())] == ["ok", "text\\u0000"]
+
+
+def nested(depth: int, leaf: object) -> object:
+    for _ in range(depth):
+        leaf = {"n": [leaf]}
+    return leaf
+
+
+async def test_items_nested_deeper_than_orjson_encodes_are_carried_not_500(gateway):
+    """orjson parses 1,024 levels but encodes 254: an item in between must still be published
+    where the gateway encodes it again (NDJSON, partial), and an invalid one refused with its
+    error, not answered 500."""
+    deep = {"region": "Deep", "revenue": 1, "extra": nested(300, 1)}
+    ndjson = orjson.dumps(ITEMS[0]) + b"\n" + jsontext.dumps(deep) + b"\n"
+    resp = await gateway.post(ndjson, content_type="application/x-ndjson")
+    assert resp.status == 202, await resp.text()
+    bad = {"region": "Deep", "revenue": nested(300, 1)}  # revenue must be a number
+    partial = await gateway.post(jsontext.dumps([ITEMS[1], bad]), query="?partial=true")
+    assert partial.status == 202, await partial.text()
+    assert (await partial.json())["rejected"][0]["index"] == 1
+    strict = await gateway.post(jsontext.dumps([bad]))
+    doc = await assert_problem(strict, 400, "VALIDATION_FAILED")
+    assert doc["errors"][0]["index"] == 0 and doc["errors"][0]["message"]
+    too_deep = await gateway.post(b"[" * 1025 + b"]" * 1025)  # past what orjson parses
+    await assert_problem(too_deep, 400, "MALFORMED_JSON")
+    published = events(await gateway.published())
+    assert [e["region"] for e in published] == [ITEMS[0]["region"], "Deep", ITEMS[1]["region"]]
+    assert published[1] == deep
 
 
 async def test_400_malformed_json_gives_the_position(gateway):

@@ -18,11 +18,11 @@ from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
 from gateway.app import SERVER_KWARGS, create_app
+from schemas import jsontext, redis_keys
 from schemas import records as r
-from schemas import redis_keys
 from schemas.keys import hash_key, new_key
 from tests.integration.conftest import EdgeTestServer
-from tests.integration.test_push import assert_problem
+from tests.integration.test_push import assert_problem, nested
 from tests.integration.test_workers import Running, count, rows, wait_for
 
 pytestmark = pytest.mark.integration
@@ -301,15 +301,22 @@ async def test_failed_records_come_back_with_their_errors_and_the_record(gateway
     assert doc["failed"][0]["errors"][0]["path"] == "$.revenue"
     assert doc["failed"][0]["errors"][0]["message"]
     assert doc["failed"][1]["record"] == {"revenue": 3} and doc["failed_truncated"] is False
+    # a failed record nested deeper than orjson encodes (254 levels) is answered back too
+    deep = {"region": "Deep", "revenue": nested(300, 1)}
+    resp = await chunk(gateway, sid, jsontext.dumps([sales("deep", 1)[0], deep]))
+    assert resp.status == 201, await resp.text()
+    doc = await resp.json()
+    assert doc["items_accepted"] == 1 and doc["failed"][0]["record"] == deep
     # a chunk with nothing valid is processed too: 201, nothing published
     none = await chunk(gateway, sid, [{"revenue": -5}])
     assert none.status == 201 and (await none.json())["items_accepted"] == 0
     # a body that is not JSON is no chunk at all
     await assert_problem(await chunk(gateway, sid, b'[{"region": '), 400, "MALFORMED_JSON")
-    assert [e for e, _ in await published_events(gateway)] == [body[0], body[2]]
+    assert [e for e, _ in await published_events(gateway)] == [
+        body[0], body[2], sales("deep", 1)[0]]
     assert counts(await status(gateway, sid)) == {
-        "chunks": 2, "chunks_in_flight": 0, "items_received": 6, "items_accepted": 2,
-        "items_rejected": 4, "items_written": 0, "items_failed": 0}
+        "chunks": 3, "chunks_in_flight": 0, "items_received": 8, "items_accepted": 3,
+        "items_rejected": 5, "items_written": 0, "items_failed": 0}
 
 
 async def test_idempotency_and_rate_limits_work_as_on_the_push_route(make_gateway):
