@@ -84,13 +84,16 @@ return 1
 """
 
 # KEYS: state, alive, inflight, counted. ARGV: claim token, publish (0/1), received, accepted,
-# rejected, the chunk's Idempotency-Key ('' for none), retention ms. A chunk whose key was
-# counted already is not counted again: its retry after its process died between counting it
-# and storing its answer, which publishes it again (the workers drop that copy).
+# rejected, the chunk's Idempotency-Key ('' for none), retention ms. Counts only when it
+# removes the chunk's claim: the Redis client retries a call whose connection broke, possibly
+# after Redis ran it, and the retry of a chunk counted already must not count it twice.
+# A chunk whose key was counted already is not counted again either: its retry after its
+# process died between counting it and storing its answer, which publishes it again (the
+# workers drop that copy).
 _END = """
-redis.call('ZREM', KEYS[3], ARGV[1])
+local claimed = redis.call('ZREM', KEYS[3], ARGV[1]) == 1
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local count = ARGV[2] == '1'
+local count = claimed and ARGV[2] == '1'
 if count and ARGV[6] ~= '' then
   count = redis.call('SADD', KEYS[4], ARGV[6]) == 1
   redis.call('PEXPIRE', KEYS[4], ARGV[7])

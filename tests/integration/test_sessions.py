@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import hashlib
 import time
+import urllib.parse
 
 import orjson
 import pytest
@@ -17,9 +19,13 @@ from aiohttp.test_utils import TestClient
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
+from gateway import sessions as sessions_module
 from gateway.app import SERVER_KWARGS, create_app
+from gateway.config import Settings
+from gateway.sessions import CreateSpec, Sessions
 from schemas import records as r
 from schemas import redis_keys
+from schemas.catalogue import Principal
 from schemas.keys import hash_key, new_key
 from tests.integration.conftest import EdgeTestServer
 from tests.integration.test_push import assert_problem
@@ -535,3 +541,123 @@ async def test_statistics_windows_equal_exact_counts(gateway, tmp_path):
 
 async def _equals_count(storage: str, expected: int) -> bool:
     return await count(storage) == expected
+
+
+class ScriptFaults:
+    """A TCP proxy in front of Redis that upsets the calls of one Lua script (by its SHA-1),
+    as a network does: ``break_answer`` lets the next call reach Redis, then closes the
+    connection instead of passing on the answer (the client retries the call on a new
+    connection: the script runs twice); ``swallow`` drops every call for a while without an
+    answer (the client times out; Redis never ran it). Everything else passes unchanged."""
+
+    def __init__(self, redis_url: str, script: str):
+        target = urllib.parse.urlparse(redis_url)
+        self._target = (target.hostname, target.port)
+        self._db = target.path
+        self._sha = hashlib.sha1(script.encode()).hexdigest().encode()
+        self._break = 0
+        self._swallow_until = 0.0
+        self.broken = self.swallowed = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{self._db}"
+
+    async def close(self) -> None:
+        self._server.close()
+
+    def break_answer(self, times: int = 1) -> None:
+        self._break = times
+
+    def swallow(self, seconds: float) -> None:
+        self._swallow_until = time.monotonic() + seconds
+
+    async def _serve(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        watched = asyncio.Event()  # a call of the script went up this connection
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                if self._sha in data:
+                    if time.monotonic() < self._swallow_until:
+                        self.swallowed += 1
+                        continue
+                    watched.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if watched.is_set():
+                    watched.clear()
+                    if self._break and data[:1] == b":":  # the script ran (an integer answer)
+                        self._break -= 1
+                        self.broken += 1
+                        return
+                writer.write(data)
+                await writer.drain()
+
+        try:
+            await asyncio.wait([asyncio.create_task(upstream()),
+                                asyncio.create_task(downstream())],
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+
+
+@pytest.fixture
+async def end_faults(redis_url):
+    faults = ScriptFaults(redis_url, sessions_module._END)
+    url = await faults.start()
+    yield faults, url
+    await faults.close()
+
+
+async def test_a_chunk_end_run_twice_counts_the_chunk_once(redis_url):
+    """The chunk-end script run twice for one chunk (the Redis client retries a call whose
+    connection broke, possibly after Redis ran it) counts the chunk once; a chunk with an
+    Idempotency-Key is counted once per key as before."""
+    settings = Settings.from_env({"REDIS_URL": redis_url, "KAFKA_ENABLE_IDEMPOTENCE": "false"})
+    client = Redis.from_url(redis_url)
+    try:
+        store = Sessions(client, settings)
+        pos = Principal("pos", frozenset({"sales"}))
+        session = await store.create("sales", CreateSpec("sales", None, 60), "pos")
+        for idempotency_key, counts in ((None, (3, 2, 1)), ("c-1", (4, 4, 0))):
+            token = await store.enter(session.id)
+            await store.leave(session.id, token, counts, "pos", idempotency_key)
+            await store.leave(session.id, token, counts, "pos", idempotency_key)  # the retry
+        await store.close(session.id, pos)
+        after = await store.get(session.id, pos)
+        assert (after.chunks, after.received, after.accepted, after.rejected, after.in_flight) \
+            == (2, 7, 6, 1, 0)
+        assert await client.zcard(redis_keys.session_inflight_key(session.id)) == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_chunk_end_retried_after_a_broken_connection_is_counted_once(
+        make_gateway, end_faults, tmp_path):
+    """End to end: the connection breaks after Redis ran the chunk-end script and before its
+    answer arrived; the client's retry must not count the chunk again (it did: accepted 4 of
+    2 records, and the session never became complete)."""
+    faults, url = end_faults
+    gw = await make_gateway(redis=url)
+    sid = (await open_session(gw))["ingestion_id"]
+    faults.break_answer()
+    resp = await chunk(gw, sid, sales("once", 2))
+    assert resp.status == 201 and (await resp.json())["items_accepted"] == 2
+    assert faults.broken == 1
+    closed = await (await close(gw, sid)).json()
+    assert counts(closed) == {"chunks": 1, "chunks_in_flight": 0, "items_received": 2,
+                              "items_accepted": 2, "items_rejected": 0, "items_written": 0,
+                              "items_failed": 0}
+    assert [e for e, _ in await published_events(gw)] == sales("once", 2)
+    storage = f"sqlite:///{tmp_path}/once.db"
+    async with Running(gw, storage):
+        await wait_for(lambda: _complete(gw, sid))
+    final = await status(gw, sid)
+    assert (final["items_written"], final["items_pending"]) == (2, 0)
+    assert await count(storage) == 2
