@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from gateway import sessions as sessions_module
 from gateway.app import SERVER_KWARGS, create_app
 from gateway.config import Settings
+from gateway.routes.ingestions import SESSIONS
 from gateway.sessions import CreateSpec, Sessions
 from schemas import records as r
 from schemas import redis_keys
@@ -626,9 +627,9 @@ async def test_a_chunk_end_run_twice_counts_the_chunk_once(redis_url):
         pos = Principal("pos", frozenset({"sales"}))
         session = await store.create("sales", CreateSpec("sales", None, 60), "pos")
         for idempotency_key, counts in ((None, (3, 2, 1)), ("c-1", (4, 4, 0))):
-            token = await store.enter(session.id)
-            await store.leave(session.id, token, counts, "pos", idempotency_key)
-            await store.leave(session.id, token, counts, "pos", idempotency_key)  # the retry
+            claim = await store.enter(session.id, "pos", idempotency_key)
+            await store.leave(claim, counts)
+            await store.leave(claim, counts)  # the retried call
         await store.close(session.id, pos)
         after = await store.get(session.id, pos)
         assert (after.chunks, after.received, after.accepted, after.rejected, after.in_flight) \
@@ -661,3 +662,73 @@ async def test_a_chunk_end_retried_after_a_broken_connection_is_counted_once(
     final = await status(gw, sid)
     assert (final["items_written"], final["items_pending"]) == (2, 0)
     assert await count(storage) == 2
+
+
+async def test_a_chunk_end_redis_did_not_take_is_counted_later_and_holds_completion(
+        make_gateway, end_faults, tmp_path):
+    """The chunk was published and answered 201, but its end (claim dropped, counts added)
+    timed out. It is tried again in the background until Redis takes it; meanwhile the chunk
+    is in flight and the closed session is not complete. (The end was dropped: the chunk was
+    never counted, and once its claim lapsed the session was complete before the workers
+    wrote anything.)"""
+    faults, url = end_faults
+    gw = await make_gateway(redis=url)
+    sid = (await open_session(gw))["ingestion_id"]
+    faults.swallow(1.5)  # each call times out (REDIS_TIMEOUT_S 0.5); Redis never runs it
+    resp = await chunk(gw, sid, sales("late", 2))
+    assert resp.status == 201 and (await resp.json())["items_accepted"] == 2
+    closed = await (await close(gw, sid)).json()
+    assert closed["status"] == "closed" and closed["complete"] is False
+    assert (closed["chunks_in_flight"], closed["chunks"], closed["items_accepted"]) == (1, 0, 0)
+    assert [e for e, _ in await published_events(gw)] == sales("late", 2)
+    await wait_for(lambda: _accepted(gw, sid, 2), timeout=10)
+    assert faults.swallowed >= 2  # the first call and at least one retry
+    counted = await status(gw, sid)
+    assert counts(counted) == {"chunks": 1, "chunks_in_flight": 0, "items_received": 2,
+                               "items_accepted": 2, "items_rejected": 0, "items_written": 0,
+                               "items_failed": 0}
+    assert counted["chunks_lapsed"] == 0 and counted["complete"] is False
+    storage = f"sqlite:///{tmp_path}/late.db"
+    async with Running(gw, storage):
+        await wait_for(lambda: _complete(gw, sid))
+    assert (await status(gw, sid))["items_written"] == 2 and await count(storage) == 2
+    assert len(gw.client.app[SESSIONS].deferred) == 0
+
+
+async def _accepted(gw, sid: str, expected: int) -> bool:
+    return (await status(gw, sid))["items_accepted"] == expected
+
+
+async def test_a_claim_that_lapsed_keeps_the_session_from_completing(gateway, tmp_path):
+    """Gateways that died mid-chunk leave claims that lapse: the chunk's records may be
+    published and not counted, so the session shows them (chunks_lapsed) and is not complete
+    (it was: nothing in flight, nothing accepted). The retry of such a chunk with its
+    Idempotency-Key counts it and settles the lapsed claim; one without a key stays."""
+    client = Redis.from_url(gateway.redis_url)
+    # what a dead gateway with 1 s claims left behind: chunks entered and never ended
+    dead = Sessions(client, Settings.from_env({
+        "SLUICE_IDEMPOTENCY_LOCK_TTL_S": "1", "KAFKA_PUBLISH_TIMEOUT_S": "0.5"}))
+    try:
+        first, second = (await open_session(gateway))["ingestion_id"], \
+            (await open_session(gateway))["ingestion_id"]
+        for sid in (first, second):
+            await dead.enter(sid, "pos", None)
+            await dead.enter(sid, "pos", "c-1")
+        assert (await status(gateway, first))["chunks_in_flight"] == 2
+        await asyncio.sleep(1.1)
+    finally:
+        await client.aclose()
+    closed = await (await close(gateway, first)).json()
+    assert (closed["chunks_in_flight"], closed["chunks_lapsed"]) == (0, 2)
+    assert closed["items_pending"] == 0 and closed["complete"] is False
+
+    retried = await chunk(gateway, second, sales("again", 2), **{"Idempotency-Key": "c-1"})
+    assert retried.status == 201
+    doc = await (await close(gateway, second)).json()
+    assert (doc["chunks_lapsed"], doc["chunks"], doc["items_accepted"]) == (1, 1, 2)
+    storage = f"sqlite:///{tmp_path}/lapsed.db"
+    async with Running(gateway, storage):
+        await wait_for(lambda: _written(gateway, second, 2))
+    final = await status(gateway, second)
+    assert final["items_pending"] == 0 and final["complete"] is False  # the keyless one
+    assert [e for e, _ in await published_events(gateway)] == sales("again", 2)
