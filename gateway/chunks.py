@@ -24,7 +24,7 @@ from schemas.validation import Verdict, validate
 def chunk_step(sessions: Sessions, publisher: Publisher, max_reported: int,
                session_id: str) -> Process:
     async def process(req: IngestRequest, body: bytes, headers: dict[str, str]) -> Answer:
-        token = await sessions.enter(session_id)
+        claim = await sessions.enter(session_id, req.principal.key_id, req.idempotency_key)
         counts: tuple[int, int, int] | None = None
         try:
             items = parse_items(body, req.mime)
@@ -36,8 +36,7 @@ def chunk_step(sessions: Sessions, publisher: Publisher, max_reported: int,
                                         raw_value(body, req.mime, verdict.invalid))
             counts = (len(items), len(verdict.valid), verdict.invalid)
         finally:
-            await sessions.leave(session_id, token, counts, req.principal.key_id,
-                                 req.idempotency_key)
+            await sessions.leave(claim, counts)
         body = dumps(answer(session_id, req, items, verdict))  # it quotes the failed records
         return Answer(201, body, headers, accepted=len(verdict.valid), rejected=verdict.invalid,
                       errors=[e.as_dict() for e in verdict.errors])

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -13,8 +14,15 @@ import yaml
 
 from gateway.config import ConfigError, Settings, markdown_table
 from schemas import logs
-from schemas.catalogue import CatalogueError, definition_files, load_catalogue, read_definition
-from schemas.keys import hash_key, new_key
+from schemas.catalogue import (
+    Catalogue,
+    CatalogueError,
+    definition_files,
+    load_catalogue,
+    read_definition,
+)
+from schemas.dataset import Limits
+from schemas.keys import IngestKey, hash_key, new_key
 from schemas.metrics_export import prepare_multiprocess
 from schemas.records import dlq_topic
 
@@ -40,39 +48,102 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+class Refused(Exception):
+    """A command that would break something: its message is printed, nothing is written,
+    and the exit code is 2."""
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     key_id = args.id or (args.dataset.replace("_", "-") + "-key" if args.dataset else "admin")
-    key = new_key(key_id)
-    digest = hash_key(key)
     if args.admin:
+        key = new_key(key_id)
         print(f"admin key (shown once, store it now): {key}", file=sys.stderr)
-        print(f"SLUICE_ADMIN_KEYS={key_id}:{digest}")
+        print(f"SLUICE_ADMIN_KEYS={key_id}:{hash_key(key)}")
         return 0
     if not args.dataset:
         raise SystemExit("--dataset is required unless --admin is given")
-    entry = {"id": key_id, "sha256": digest}
+    settings = _settings(args)
+    catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
+    if catalogue.get(args.dataset) is None:
+        raise Refused(f"no dataset {args.dataset!r} in {settings.catalogue_dir}")
+    if any(k.key_id == key_id for k in settings.admin_keys):
+        raise Refused(f"key id {key_id!r} is an admin key (SLUICE_ADMIN_KEYS), which may write "
+                      "every dataset already; nothing written")
+    # A key id names one key: a second secret for it would stop the catalogue from loading.
+    granted = catalogue.datasets_of(key_id)
+    if granted is not None and args.dataset in granted:
+        raise Refused(f"key id {key_id!r} may write dataset {args.dataset!r} already; nothing "
+                      "written (to replace its secret, remove its entries from the definition "
+                      "files and create it again)")
+    if granted is not None:
+        return _grant(args, settings, key_id, _stored_hash(catalogue, key_id), granted)
+    key = new_key(key_id)
+    entry = {"id": key_id, "sha256": hash_key(key)}
     if args.write:
-        _append_key(_settings(args).catalogue_dir, args.dataset, entry)
+        _append_key(settings.catalogue_dir, args.dataset, entry, settings.limits,
+                    settings.admin_keys)
         print(f"added key {key_id!r} to dataset {args.dataset!r}", file=sys.stderr)
     else:
         print(f"paste under ingest_keys: in {args.dataset}'s definition file:", file=sys.stderr)
-        print(f"  - {{id: {key_id}, sha256: {digest}}}", file=sys.stderr)
+        print(f"  - {{id: {key_id}, sha256: {entry['sha256']}}}", file=sys.stderr)
     print("ingest key (shown once, store it now):", file=sys.stderr)
     print(key)
     return 0
 
 
-def _append_key(directory: Path, dataset_id: str, entry: dict) -> None:
+def _grant(args: argparse.Namespace, settings: Settings, key_id: str, digest: str,
+           granted: frozenset[str]) -> int:
+    """Let an existing key write one more dataset, with the secret it has."""
+    already = ", ".join(sorted(granted))
+    if args.write:
+        _append_key(settings.catalogue_dir, args.dataset, {"id": key_id, "sha256": digest},
+                    settings.limits, settings.admin_keys)
+        print(f"granted the existing key {key_id!r} (datasets {already}) dataset "
+              f"{args.dataset!r} too; its secret is unchanged, no new key was created")
+    else:
+        print(f"paste under ingest_keys: in {args.dataset}'s definition file:", file=sys.stderr)
+        print(f"  - {{id: {key_id}, sha256: {digest}}}", file=sys.stderr)
+        print(f"key {key_id!r} exists (datasets {already}): no new key was created; the line "
+              f"above grants it dataset {args.dataset!r} with its secret unchanged")
+    return 0
+
+
+def _stored_hash(catalogue: Catalogue, key_id: str) -> str:
+    return next(k.sha256 for d in catalogue for k in d.ingest_keys if k.key_id == key_id)
+
+
+def _append_key(directory: Path, dataset_id: str, entry: dict, limits: Limits | None = None,
+                admin_keys: tuple[IngestKey, ...] = ()) -> None:
+    """Add ``entry`` to the ingest keys in ``dataset_id``'s definition file (in place of an
+    entry with its id there), once the whole catalogue with that change loads (else
+    Refused, and nothing is written): a key id with two hashes, say, would stop the next
+    gateway and workers from starting."""
     for path in definition_files(directory):
         raw = read_definition(path)
         if isinstance(raw, dict) and raw.get("id") == dataset_id:
-            keys = [k for k in raw.get("ingest_keys", []) if k.get("id") != entry["id"]]
+            keys = [k for k in raw.get("ingest_keys") or [] if k.get("id") != entry["id"]]
             raw["ingest_keys"] = [*keys, entry]
             text = (orjson.dumps(raw, option=orjson.OPT_INDENT_2) if path.suffix == ".json"
                     else yaml.safe_dump(raw, sort_keys=False).encode())
+            _check_catalogue(directory, path, text, limits or Limits(), admin_keys)
             path.write_bytes(text)
             return
-    raise SystemExit(f"no dataset {dataset_id!r} in {directory}")
+    raise Refused(f"no dataset {dataset_id!r} in {directory}")
+
+
+def _check_catalogue(directory: Path, changed: Path, text: bytes, limits: Limits,
+                     admin_keys: tuple[IngestKey, ...]) -> None:
+    """Load a copy of the catalogue with ``changed`` holding ``text``, as start-up will."""
+    with tempfile.TemporaryDirectory() as scratch:
+        for path in definition_files(directory):
+            (Path(scratch) / path.name).write_bytes(text if path == changed
+                                                    else path.read_bytes())
+        try:
+            load_catalogue(Path(scratch), limits, admin_keys)
+        except CatalogueError as exc:
+            reason = str(exc).replace(scratch, str(directory))
+            raise Refused(f"nothing written: with this key the catalogue would not load: "
+                          f"{reason}") from None
 
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
@@ -150,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CatalogueError) as exc:
+    except (ConfigError, CatalogueError, Refused) as exc:
         print(f"sluice: {exc}", file=sys.stderr)
         return 2
 

@@ -94,7 +94,7 @@ VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "SLUICE_SESSION_MIN_TIMEOUT_S": ("session_min_timeout_s", "1", int_range(1),
                                      "shortest inactivity timeout a session may ask for"),
     "SLUICE_SESSION_MAX_TIMEOUT_S": ("session_max_timeout_s", "86400", int_range(1),
-                                     "longest inactivity timeout a session may ask for"),
+                                     "longest inactivity timeout a session may ask for; less than SLUICE_LOG_MAX_AGE_S"),
     "SLUICE_CHUNK_MAX_BYTES": ("chunk_max_bytes", "1048576", int_range(1),
                                "body limit of one session chunk (a dataset's smaller max_request_bytes wins)"),
     "SLUICE_SHUTDOWN_TIMEOUT_S": ("shutdown_timeout_s", "30", float_min(0),
@@ -156,6 +156,14 @@ class Settings:
                 <= settings.session_max_timeout_s):
             raise ConfigError("SLUICE_SESSION_TIMEOUT_S must lie between "
                               "SLUICE_SESSION_MIN_TIMEOUT_S and SLUICE_SESSION_MAX_TIMEOUT_S")
+        if settings.session_max_timeout_s >= settings.log_max_age_s:
+            # a session's state is kept SLUICE_LOG_MAX_AGE_S after its last activity: with a
+            # longer timeout, an idle session still pending would vanish (404) before expiring
+            raise ConfigError(
+                f"SLUICE_SESSION_MAX_TIMEOUT_S ({settings.session_max_timeout_s}) must be less "
+                f"than SLUICE_LOG_MAX_AGE_S ({settings.log_max_age_s}): ingestion sessions are "
+                "kept SLUICE_LOG_MAX_AGE_S after their last activity, so a session idle for "
+                "longer would be forgotten while still pending")
         return settings
 
     @property

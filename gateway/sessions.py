@@ -6,15 +6,17 @@ session is pending, with the inactivity timeout as its TTL, so ``expired`` is si
 and the alive key is gone". A chunk is gated by one script: a pending, alive session records
 the chunk as in flight (a claim that lapses if its gateway dies) and restarts the timer;
 anything else is refused before a record is published. When the chunk ends its claim is
-dropped and, if it was published, its counts are added in the same step, so a session is
-``complete`` exactly when it takes no more chunks, none is in flight, and the workers have
-written (or skipped as duplicates, or dead-lettered) every accepted record.
+dropped and, if it was published, its counts are added in the same step (an end Redis does
+not take is tried again until it does: gateway.session_ends), so a session is ``complete``
+exactly when it takes no more chunks, none is in flight, no claim lapsed without its chunk
+ending (its gateway died mid-chunk: its records may be published and not counted), and the
+workers have written (or skipped as duplicates, or dead-lettered) every accepted record.
 Knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Sequence
@@ -35,13 +37,13 @@ from gateway.errors import (
 )
 from gateway.ingest import Answer, IngestRequest, Process
 from gateway.payload import JSON, parse_items
+from gateway.session_ends import DeferredEnds
 from schemas import metrics
 from schemas import outcomes as o
 from schemas import redis_keys as k
 from schemas.catalogue import Principal
 from schemas.dataset import Dataset
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PENDING, CLOSED, EXPIRED = "pending", "closed", "expired"
@@ -67,7 +69,7 @@ redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
 return now
 """
 
-# KEYS: state, alive, inflight. ARGV: claim token, claim ms, retention ms.
+# KEYS: state, alive, inflight. ARGV: the claim (Claim.member), claim ms, retention ms.
 # Returns 1 admitted, 0 unknown, 2 closed, 3 expired.
 _BEGIN = """
 local s = redis.call('HMGET', KEYS[1], 'status', 'timeout_ms')
@@ -83,15 +85,25 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: state, alive, inflight, counted. ARGV: claim token, publish (0/1), received, accepted,
-# rejected, the chunk's Idempotency-Key ('' for none), retention ms. A chunk whose key was
-# counted already is not counted again: its retry after its process died between counting it
-# and storing its answer, which publishes it again (the workers drop that copy).
-_END = """
-redis.call('ZREM', KEYS[3], ARGV[1])
+# KEYS: state, alive, inflight, counted. ARGV: the claim (Claim.member), publish (0/1),
+# received, accepted, rejected, the chunk's Idempotency-Key with its ingest key id ('' for
+# none: Claim.counted_as), retention ms. Counts only when it removes the chunk's claim: the
+# Redis client retries a call whose connection broke, possibly after Redis ran it, and a
+# failed call is retried in the background (Sessions.leave), so a chunk's end may run more
+# than once and must count it once. A chunk whose key was counted already is not counted
+# again either: its retry after its process died between counting it and storing its answer,
+# which publishes it again (the workers drop that copy). A published chunk with a key also
+# settles the lapsed claims of earlier attempts with that key (their process died mid-chunk):
+# the chunk they carried is counted now, so they no longer keep the session from completing.
+_END = _NOW + """
+local claimed = redis.call('ZREM', KEYS[3], ARGV[1]) == 1
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local count = ARGV[2] == '1'
+local count = claimed and ARGV[2] == '1'
 if count and ARGV[6] ~= '' then
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', stamp)) do
+    local at = string.find(other, ':', 1, true)
+    if at and string.sub(other, at + 1) == ARGV[6] then redis.call('ZREM', KEYS[3], other) end
+  end
   count = redis.call('SADD', KEYS[4], ARGV[6]) == 1
   redis.call('PEXPIRE', KEYS[4], ARGV[7])
 end
@@ -102,7 +114,6 @@ if count then
   redis.call('HINCRBY', KEYS[1], 'rejected', ARGV[5])
 end
 if redis.call('PEXPIRE', KEYS[2], redis.call('HGET', KEYS[1], 'timeout_ms')) == 1 then
-""" + _NOW + """
   redis.call('HSET', KEYS[1], 'last_activity_at', stamp)
 end
 return 1
@@ -121,13 +132,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-# KEYS: state, alive, inflight, statistics. Returns {} for an unknown session.
+# KEYS: state, alive, inflight, statistics. Returns {} for an unknown session, else the hash,
+# whether it is alive, the claims in flight, the workers' counts and the claims that lapsed.
 _STATUS = """
 local h = redis.call('HGETALL', KEYS[1])
 if #h == 0 then return {} end
 """ + _NOW + """
 return {h, redis.call('EXISTS', KEYS[2]), redis.call('ZCOUNT', KEYS[3], '(' .. stamp, '+inf'),
-        redis.call('HMGET', KEYS[4], 'written', 'duplicates', 'failed')}
+        redis.call('HMGET', KEYS[4], 'written', 'duplicates', 'failed'),
+        redis.call('ZCOUNT', KEYS[3], '-inf', stamp)}
 """
 
 
@@ -159,6 +172,15 @@ def visible(principal: Principal, dataset: str, created_by: str) -> bool:
 def _keys(session_id: str) -> list[str]:
     return [k.session_key(session_id), k.session_alive_key(session_id),
             k.session_inflight_key(session_id), o.session_stats_key(session_id)]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A chunk's place among its session's chunks in flight, from ``enter`` to ``leave``."""
+
+    session_id: str
+    member: str  # in the in-flight set: a random token, then ':' and counted_as if any
+    counted_as: str  # the ingest key id and the chunk's Idempotency-Key, or ''
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +257,7 @@ class Session:
     timeout_ms: int
     chunks: int
     in_flight: int
+    lapsed: int  # claims that lapsed before their chunk ended: its fate is unknown
     received: int
     accepted: int
     rejected: int
@@ -253,7 +276,7 @@ class Session:
                    status, int(fields["created_at"]), int(fields["last_activity_at"]),
                    int(fields["closed_at"]) if "closed_at" in fields else None,
                    int(fields["timeout_ms"]), _int(fields.get("chunks")), int(reply[2]),
-                   _int(fields.get("received")), _int(fields.get("accepted")),
+                   int(reply[4]), _int(fields.get("received")), _int(fields.get("accepted")),
                    _int(fields.get("rejected")), written, duplicates, failed)
 
     @property
@@ -267,8 +290,11 @@ class Session:
 
     @property
     def complete(self) -> bool:
-        """Takes no more chunks, none in flight, and every accepted record has its fate."""
-        return self.status != PENDING and self.in_flight == 0 and self.done >= self.accepted
+        """Takes no more chunks, none in flight, none whose fate is unknown (a lapsed claim:
+        its records may be published without being counted), and every accepted record has
+        its fate."""
+        return (self.status != PENDING and self.in_flight == 0 and self.lapsed == 0
+                and self.done >= self.accepted)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -285,6 +311,7 @@ class Session:
             "timeout_s": self.timeout_ms // 1000,
             "chunks": self.chunks,
             "chunks_in_flight": self.in_flight,
+            "chunks_lapsed": self.lapsed,
             "items_received": self.received,
             "items_accepted": self.accepted,
             "items_rejected": self.rejected,
@@ -315,6 +342,13 @@ class Sessions:
         self._end = redis.register_script(_END)
         self._close = redis.register_script(_CLOSE)
         self._status = redis.register_script(_STATUS)
+        self.deferred = DeferredEnds(self._run_end)
+
+    def start(self) -> None:
+        self.deferred.start()
+
+    async def stop(self) -> None:
+        await self.deferred.stop()
 
     def chunk_limit(self, dataset: Dataset) -> int:
         return min(self._settings.chunk_max_bytes, dataset.max_request_bytes)
@@ -350,7 +384,7 @@ class Sessions:
         created_at = (await _redis(pipe.execute()))[0]
         metrics.SESSIONS.labels(dataset, "opened").inc()
         return Session(session_id, dataset, spec.namespace, key_id, PENDING, created_at,
-                       created_at, None, timeout_ms, 0, 0, 0, 0, 0, 0, 0, 0)
+                       created_at, None, timeout_ms, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     async def get(self, session_id: str, principal: Principal) -> Session:
         """The session if it exists and ``principal`` may see it; 404 alike otherwise."""
@@ -402,14 +436,17 @@ class Sessions:
 
     # -- the chunk gate -----------------------------------------------------------------------
 
-    async def enter(self, session_id: str) -> str:
+    async def enter(self, session_id: str, key_id: str, idempotency_key: str | None) -> Claim:
         """Count a chunk in flight and restart the timer, or refuse it (404, 409); the
-        claim's token, for ``leave``."""
+        chunk's claim, for ``leave``. A chunk with an Idempotency-Key is counted once per
+        key of the ingest key ``key_id``."""
+        counted_as = f"{key_id}\0{idempotency_key}" if idempotency_key is not None else ""
         token = secrets.token_hex(8)
-        verdict = await _redis(self._begin(keys=_keys(session_id)[:3],
-                                           args=[token, self._claim_ms, self._retention_ms]))
+        claim = Claim(session_id, f"{token}:{counted_as}" if counted_as else token, counted_as)
+        verdict = await _redis(self._begin(keys=_keys(session_id)[:3], args=[
+            claim.member, self._claim_ms, self._retention_ms]))
         if verdict == 1:
-            return token
+            return claim
         if verdict == 2:
             raise SessionClosed(f"ingestion session {session_id!r} is closed; nothing of this "
                                 "chunk was published",
@@ -420,21 +457,25 @@ class Sessions:
                                  ingestion_id=session_id, session_status=EXPIRED)
         raise SessionNotFound(f"no ingestion session {session_id!r}")
 
-    async def leave(self, session_id: str, token: str, counts: tuple[int, int, int] | None,
-                    key_id: str, idempotency_key: str | None) -> None:
-        """Drop the chunk's claim, adding its counts if it was published (once per
-        Idempotency-Key of the ingest key ``key_id``). Never raises: the records may be
-        durable already; a claim left behind lapses on its own."""
-        args = [token, 0, 0, 0, 0] if counts is None else [token, 1, *counts]
-        counted_as = f"{key_id}\0{idempotency_key}" if idempotency_key is not None else ""
-        args += [counted_as, self._retention_ms]
-        keys = [*_keys(session_id)[:3], k.session_counted_key(session_id)]
+    async def leave(self, claim: Claim, counts: tuple[int, int, int] | None) -> None:
+        """End the chunk: drop its claim, adding its counts (received, accepted, rejected)
+        if it was published. Never raises: the records may be durable already. An end Redis
+        does not take is tried again in the background until it does (session_ends); its
+        claim stays meanwhile, so the session cannot be complete without the chunk."""
+        args = [claim.member, 0, 0, 0, 0] if counts is None else [claim.member, 1, *counts]
+        args += [claim.counted_as, self._retention_ms]
+        keys = [*_keys(claim.session_id)[:3], k.session_counted_key(claim.session_id)]
         try:
             await self._end(keys=keys, args=args)
         except RedisError:
-            metrics.REDIS_ERRORS.labels("session").inc()
-            log.warning("could not end a chunk of session %s; its claim lapses in %d s",
-                        session_id, self._claim_ms // 1000)
+            metrics.REDIS_ERRORS.labels("session_end").inc()
+            self.deferred.add(claim.session_id, keys, args)
+        except asyncio.CancelledError:  # the request was cancelled (shutdown): end it anyway
+            self.deferred.add(claim.session_id, keys, args)
+            raise
+
+    async def _run_end(self, keys: list[str], args: list[Any]) -> None:
+        await self._end(keys=keys, args=args)
 
     async def owner(self, session_id: str, principal: Principal) -> str:
         """The dataset of a session ``principal`` may send chunks to (404 otherwise)."""

@@ -148,7 +148,9 @@ def setup(app: web.Application) -> None:
         # runs after gateway.app's resources context (registered before this), which made STATE
         state = app[STATE]
         app[SESSIONS] = Sessions(state.redis, state.settings)
+        app[SESSIONS].start()
         yield
+        await app[SESSIONS].stop()  # before Redis is closed: chunk ends still waiting
 
     app.cleanup_ctx.append(sessions)
     add_routes(

@@ -21,6 +21,7 @@ from gateway.protocol import add_routes, header
 from gateway.state import STATE
 from schemas import outcomes as o
 from schemas import windows as w
+from schemas.catalogue import Principal
 
 MAX_PAGE = 1000
 MAX_FROM = 2**31 - 1  # beyond any listing; Redis refuses indices past 64 bits (as a 503)
@@ -103,6 +104,50 @@ def _entry(raw: dict[bytes, bytes], errors: list[bytes]) -> dict[str, Any]:
     }
 
 
+# One page of the entries of a connector's log whose dataset is one of ARGV[4...], newest
+# first, and how many there are. KEYS: the log. ARGV: the request hash prefix
+# (request_key(connector, '')), entries to skip, page size, then the datasets.
+# It reads every entry's dataset (about 0.7 us each: 7 ms for a full log of 10,000), in
+# Redis: a command per entry from here would cost the event loop about 150 ms. The hashes
+# are not in KEYS but share the log's hash tag: same slot on Redis Cluster (SORT ... GET
+# would be faster, but needs every key readable under ACLs, and Redis Cluster refuses it).
+_VISIBLE = """
+local allowed = {}
+for i = 4, #ARGV do allowed[ARGV[i]] = true end
+local first = tonumber(ARGV[2])
+local last = first + tonumber(ARGV[3])
+local seen, page = 0, {}
+for _, id in ipairs(redis.call('ZREVRANGE', KEYS[1], 0, -1)) do
+  local dataset = redis.call('HGET', ARGV[1] .. id, 'dataset')
+  if dataset and allowed[dataset] then
+    if seen >= first and seen < last then page[#page + 1] = id end
+    seen = seen + 1
+  end
+end
+return {seen, page}
+"""
+
+
+async def _page_ids(redis: Redis, connector: str, principal: Principal, start: int,
+                    size: int) -> tuple[int, list[str]]:
+    """How many entries of the connector's log ``principal`` may see, and the request ids of
+    one page of them, newest first. An admin key sees every entry; any other key only those
+    of the datasets it may write (a connector's log holds every dataset it sent to), and
+    ``from``, ``size`` and the total count those, so a page is never short and never skips
+    an entry for the ones left out."""
+    log_key = o.connector_log_key(connector)
+    if principal.admin:
+        total = await redis.zcard(log_key)
+        ids = await redis.zrevrange(log_key, start, start + size - 1)
+        return total, [rid.decode() for rid in ids]
+    if not principal.datasets:
+        return 0, []
+    total, ids = await redis.register_script(_VISIBLE)(
+        keys=[log_key], args=[o.request_key(connector, ""), start, size,
+                              *sorted(principal.datasets)])
+    return total, [rid.decode() for rid in ids]
+
+
 async def connector_logs(request: web.Request) -> web.Response:
     state = request.app[STATE]
     principal = authenticate(state.catalogue, header(request, "Authorization"))
@@ -114,15 +159,12 @@ async def connector_logs(request: web.Request) -> web.Response:
             or (datasets and principal.datasets & datasets)):
         raise Forbidden(f"this key may not read connector {connector!r}'s log")
     start, size = page(request)
-    log_key = o.connector_log_key(connector)
     try:
-        total = await state.redis.zcard(log_key)
-        ids = await state.redis.zrevrange(log_key, start, start + size - 1)
+        total, ids = await _page_ids(state.redis, connector, principal, start, size)
         pipe = state.redis.pipeline(transaction=False)
         for rid in ids:
-            pipe.hgetall(o.request_key(connector, rid.decode()))
-            pipe.lrange(o.request_errors_key(connector, rid.decode()), 0,
-                        o.MAX_LOGGED_ERRORS - 1)
+            pipe.hgetall(o.request_key(connector, rid))
+            pipe.lrange(o.request_errors_key(connector, rid), 0, o.MAX_LOGGED_ERRORS - 1)
         results = await pipe.execute()
     except RedisError as exc:
         raise RedisUnavailable(headers={"Retry-After": "1"}) from exc

@@ -8,14 +8,23 @@ counts for a request that has no entry (not written yet, or trimmed) live only b
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import time
 
 import orjson
 import pytest
+import yaml
+from aiohttp.test_utils import TestClient
 
 from gateway.accounting import Accountant, RequestOutcome
+from gateway.app import SERVER_KWARGS, create_app
 from schemas import outcomes as o
 from schemas import redis_client
+from schemas.keys import hash_key, new_key
+from tests.integration.conftest import EdgeTestServer
+from tests.integration.test_push import assert_problem
+from tests.integration.test_workers import wait_for
 from workers.accounting import BatchOutcome
 
 pytestmark = pytest.mark.integration
@@ -167,3 +176,89 @@ async def test_request_ids_that_extend_one_another_keep_their_keys_apart(redis):
             str(written).encode())
         assert len(await redis.lrange(o.request_errors_key(CONNECTOR, request_id), 0, -1)) == (
             written)
+
+
+JOURNAL = {"id": "journal", "schema": {"type": "object", "properties": {
+    "account": {"type": "string"}}, "required": ["account"]}}
+
+
+async def _with_sales_only_key(gw) -> tuple[TestClient, str]:
+    """Another gateway on the same Redis whose catalogue also has "till", a key that may
+    write sales only (the gateway's own "pos" key writes sales and journal)."""
+    key = new_key("till")
+    directory = gw.settings.catalogue_dir.parent / (gw.settings.catalogue_dir.name + "-till")
+    shutil.copytree(gw.settings.catalogue_dir, directory)
+    sales = yaml.safe_load((directory / "sales.yaml").read_text())
+    sales["ingest_keys"].append({"id": "till", "sha256": hash_key(key)})
+    (directory / "sales.yaml").write_text(yaml.safe_dump(sales))
+    server = EdgeTestServer(create_app(dataclasses.replace(gw.settings, catalogue_dir=directory)))
+    await server.start_server(**SERVER_KWARGS)
+    client = TestClient(server)
+    await client.start_server()
+    return client, key
+
+
+async def test_a_connectors_log_shows_other_keys_only_the_datasets_they_may_write(make_gateway):
+    """Connector "pos" sends to sales and journal. "till" (sales only) may read pos's log,
+    but sees only its sales entries (it saw journal's too, errors quoting the values
+    included); total, from and size count what it sees, so pages are full and skip nothing.
+    pos itself and admin keys see everything."""
+    admin = new_key("ops")
+    gw = await make_gateway(datasets=(JOURNAL,), SLUICE_ADMIN_KEYS=f"ops:{hash_key(admin)}")
+    sent: dict[str, list[str]] = {"sales": [], "journal": []}
+    for i in range(7):
+        rid = f"s{i}"
+        resp = await gw.post(orjson.dumps({"region": f"r{i}", "revenue": i}),
+                             **{"X-Request-ID": rid})
+        assert resp.status == 202
+        sent["sales"].append(rid)
+        for j in range(2):
+            rid = f"j{i}-{j}"
+            resp = await gw.post(orjson.dumps({"account": 4111_1111_1111_1111 + i}),
+                                 dataset="journal", **{"X-Request-ID": rid})
+            assert resp.status == 400  # its error quotes the number
+            sent["journal"].append(rid)
+
+    async def log(client, key: str, query: str = "") -> dict:
+        resp = await client.get(f"/v1/connectors/pos/logs{query}",
+                                headers={"Authorization": f"Bearer {key}"})
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+    async def everything_logged() -> bool:
+        return (await log(gw.client, admin, "?size=1"))["total"] == 21
+
+    await wait_for(everything_logged)
+    till_client, till = await _with_sales_only_key(gw)
+    try:
+        seen = await log(till_client, till, "?size=100")
+        assert seen["total"] == 7 and len(seen["entries"]) == 7
+        assert {e["dataset"] for e in seen["entries"]} == {"sales"}
+        assert sorted(e["request_id"] for e in seen["entries"]) == sent["sales"]
+        assert b"4111" not in orjson.dumps(seen)
+        newest_first = [e["request_id"] for e in seen["entries"]]
+        assert [e["timestamp"] for e in seen["entries"]] == sorted(
+            (e["timestamp"] for e in seen["entries"]), reverse=True)
+        pages = [await log(till_client, till, f"?from={start}&size=3") for start in (0, 3, 6)]
+        assert [len(p["entries"]) for p in pages] == [3, 3, 1]
+        assert [e["request_id"] for p in pages for e in p["entries"]] == newest_first
+        assert {p["total"] for p in pages} == {7}
+        beyond = await log(till_client, till, "?from=7")
+        assert beyond["entries"] == [] and beyond["total"] == 7
+        # the connector's own key and an admin key see both datasets
+        for client, key in ((gw.client, gw.key), (till_client, admin)):
+            full = await log(client, key, "?size=100")
+            assert full["total"] == 21
+            assert sorted(e["request_id"] for e in full["entries"]) == sorted(
+                sent["sales"] + sent["journal"])
+            assert b"4111111111111111" in orjson.dumps(full)  # what till must not see
+        # a key of none of pos's datasets may not read it at all
+        resp = await gw.client.get("/v1/connectors/pos/logs",
+                                   headers={"Authorization": f"Bearer {gw.other_key}"})
+        await assert_problem(resp, 403, "FORBIDDEN")
+        # till's own log holds nothing
+        resp = await till_client.get("/v1/connectors/till/logs",
+                                     headers={"Authorization": f"Bearer {till}"})
+        assert resp.status == 200 and (await resp.json())["total"] == 0
+    finally:
+        await till_client.close()

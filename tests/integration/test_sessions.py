@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import hashlib
 import time
+import urllib.parse
 
 import orjson
 import pytest
@@ -17,9 +19,14 @@ from aiohttp.test_utils import TestClient
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
+from gateway import sessions as sessions_module
 from gateway.app import SERVER_KWARGS, create_app
+from gateway.config import Settings
+from gateway.routes.ingestions import SESSIONS
+from gateway.sessions import CreateSpec, Sessions
 from schemas import jsontext, redis_keys
 from schemas import records as r
+from schemas.catalogue import Principal
 from schemas.keys import hash_key, new_key
 from tests.integration.conftest import EdgeTestServer
 from tests.integration.test_push import assert_problem, nested
@@ -542,3 +549,193 @@ async def test_statistics_windows_equal_exact_counts(gateway, tmp_path):
 
 async def _equals_count(storage: str, expected: int) -> bool:
     return await count(storage) == expected
+
+
+class ScriptFaults:
+    """A TCP proxy in front of Redis that upsets the calls of one Lua script (by its SHA-1),
+    as a network does: ``break_answer`` lets the next call reach Redis, then closes the
+    connection instead of passing on the answer (the client retries the call on a new
+    connection: the script runs twice); ``swallow`` drops every call for a while without an
+    answer (the client times out; Redis never ran it). Everything else passes unchanged."""
+
+    def __init__(self, redis_url: str, script: str):
+        target = urllib.parse.urlparse(redis_url)
+        self._target = (target.hostname, target.port)
+        self._db = target.path
+        self._sha = hashlib.sha1(script.encode()).hexdigest().encode()
+        self._break = 0
+        self._swallow_until = 0.0
+        self.broken = self.swallowed = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}{self._db}"
+
+    async def close(self) -> None:
+        self._server.close()
+
+    def break_answer(self, times: int = 1) -> None:
+        self._break = times
+
+    def swallow(self, seconds: float) -> None:
+        self._swallow_until = time.monotonic() + seconds
+
+    async def _serve(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        watched = asyncio.Event()  # a call of the script went up this connection
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                if self._sha in data:
+                    if time.monotonic() < self._swallow_until:
+                        self.swallowed += 1
+                        continue
+                    watched.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if watched.is_set():
+                    watched.clear()
+                    if self._break and data[:1] == b":":  # the script ran (an integer answer)
+                        self._break -= 1
+                        self.broken += 1
+                        return
+                writer.write(data)
+                await writer.drain()
+
+        try:
+            await asyncio.wait([asyncio.create_task(upstream()),
+                                asyncio.create_task(downstream())],
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+
+
+@pytest.fixture
+async def end_faults(redis_url):
+    faults = ScriptFaults(redis_url, sessions_module._END)
+    url = await faults.start()
+    yield faults, url
+    await faults.close()
+
+
+async def test_a_chunk_end_run_twice_counts_the_chunk_once(redis_url):
+    """The chunk-end script run twice for one chunk (the Redis client retries a call whose
+    connection broke, possibly after Redis ran it) counts the chunk once; a chunk with an
+    Idempotency-Key is counted once per key as before."""
+    settings = Settings.from_env({"REDIS_URL": redis_url, "KAFKA_ENABLE_IDEMPOTENCE": "false"})
+    client = Redis.from_url(redis_url)
+    try:
+        store = Sessions(client, settings)
+        pos = Principal("pos", frozenset({"sales"}))
+        session = await store.create("sales", CreateSpec("sales", None, 60), "pos")
+        for idempotency_key, counts in ((None, (3, 2, 1)), ("c-1", (4, 4, 0))):
+            claim = await store.enter(session.id, "pos", idempotency_key)
+            await store.leave(claim, counts)
+            await store.leave(claim, counts)  # the retried call
+        await store.close(session.id, pos)
+        after = await store.get(session.id, pos)
+        assert (after.chunks, after.received, after.accepted, after.rejected, after.in_flight) \
+            == (2, 7, 6, 1, 0)
+        assert await client.zcard(redis_keys.session_inflight_key(session.id)) == 0
+    finally:
+        await client.aclose()
+
+
+async def test_a_chunk_end_retried_after_a_broken_connection_is_counted_once(
+        make_gateway, end_faults, tmp_path):
+    """End to end: the connection breaks after Redis ran the chunk-end script and before its
+    answer arrived; the client's retry must not count the chunk again (it did: accepted 4 of
+    2 records, and the session never became complete)."""
+    faults, url = end_faults
+    gw = await make_gateway(redis=url)
+    sid = (await open_session(gw))["ingestion_id"]
+    faults.break_answer()
+    resp = await chunk(gw, sid, sales("once", 2))
+    assert resp.status == 201 and (await resp.json())["items_accepted"] == 2
+    assert faults.broken == 1
+    closed = await (await close(gw, sid)).json()
+    assert counts(closed) == {"chunks": 1, "chunks_in_flight": 0, "items_received": 2,
+                              "items_accepted": 2, "items_rejected": 0, "items_written": 0,
+                              "items_failed": 0}
+    assert [e for e, _ in await published_events(gw)] == sales("once", 2)
+    storage = f"sqlite:///{tmp_path}/once.db"
+    async with Running(gw, storage):
+        await wait_for(lambda: _complete(gw, sid))
+    final = await status(gw, sid)
+    assert (final["items_written"], final["items_pending"]) == (2, 0)
+    assert await count(storage) == 2
+
+
+async def test_a_chunk_end_redis_did_not_take_is_counted_later_and_holds_completion(
+        make_gateway, end_faults, tmp_path):
+    """The chunk was published and answered 201, but its end (claim dropped, counts added)
+    timed out. It is tried again in the background until Redis takes it; meanwhile the chunk
+    is in flight and the closed session is not complete. (The end was dropped: the chunk was
+    never counted, and once its claim lapsed the session was complete before the workers
+    wrote anything.)"""
+    faults, url = end_faults
+    gw = await make_gateway(redis=url)
+    sid = (await open_session(gw))["ingestion_id"]
+    faults.swallow(1.5)  # each call times out (REDIS_TIMEOUT_S 0.5); Redis never runs it
+    resp = await chunk(gw, sid, sales("late", 2))
+    assert resp.status == 201 and (await resp.json())["items_accepted"] == 2
+    closed = await (await close(gw, sid)).json()
+    assert closed["status"] == "closed" and closed["complete"] is False
+    assert (closed["chunks_in_flight"], closed["chunks"], closed["items_accepted"]) == (1, 0, 0)
+    assert [e for e, _ in await published_events(gw)] == sales("late", 2)
+    await wait_for(lambda: _accepted(gw, sid, 2), timeout=10)
+    assert faults.swallowed >= 2  # the first call and at least one retry
+    counted = await status(gw, sid)
+    assert counts(counted) == {"chunks": 1, "chunks_in_flight": 0, "items_received": 2,
+                               "items_accepted": 2, "items_rejected": 0, "items_written": 0,
+                               "items_failed": 0}
+    assert counted["chunks_lapsed"] == 0 and counted["complete"] is False
+    storage = f"sqlite:///{tmp_path}/late.db"
+    async with Running(gw, storage):
+        await wait_for(lambda: _complete(gw, sid))
+    assert (await status(gw, sid))["items_written"] == 2 and await count(storage) == 2
+    assert len(gw.client.app[SESSIONS].deferred) == 0
+
+
+async def _accepted(gw, sid: str, expected: int) -> bool:
+    return (await status(gw, sid))["items_accepted"] == expected
+
+
+async def test_a_claim_that_lapsed_keeps_the_session_from_completing(gateway, tmp_path):
+    """Gateways that died mid-chunk leave claims that lapse: the chunk's records may be
+    published and not counted, so the session shows them (chunks_lapsed) and is not complete
+    (it was: nothing in flight, nothing accepted). The retry of such a chunk with its
+    Idempotency-Key counts it and settles the lapsed claim; one without a key stays."""
+    client = Redis.from_url(gateway.redis_url)
+    # what a dead gateway with 1 s claims left behind: chunks entered and never ended
+    dead = Sessions(client, Settings.from_env({
+        "SLUICE_IDEMPOTENCY_LOCK_TTL_S": "1", "KAFKA_PUBLISH_TIMEOUT_S": "0.5"}))
+    try:
+        first, second = (await open_session(gateway))["ingestion_id"], \
+            (await open_session(gateway))["ingestion_id"]
+        for sid in (first, second):
+            await dead.enter(sid, "pos", None)
+            await dead.enter(sid, "pos", "c-1")
+        assert (await status(gateway, first))["chunks_in_flight"] == 2
+        await asyncio.sleep(1.1)
+    finally:
+        await client.aclose()
+    closed = await (await close(gateway, first)).json()
+    assert (closed["chunks_in_flight"], closed["chunks_lapsed"]) == (0, 2)
+    assert closed["items_pending"] == 0 and closed["complete"] is False
+
+    retried = await chunk(gateway, second, sales("again", 2), **{"Idempotency-Key": "c-1"})
+    assert retried.status == 201
+    doc = await (await close(gateway, second)).json()
+    assert (doc["chunks_lapsed"], doc["chunks"], doc["items_accepted"]) == (1, 1, 2)
+    storage = f"sqlite:///{tmp_path}/lapsed.db"
+    async with Running(gateway, storage):
+        await wait_for(lambda: _written(gateway, second, 2))
+    final = await status(gateway, second)
+    assert final["items_pending"] == 0 and final["complete"] is False  # the keyless one
+    assert [e for e, _ in await published_events(gateway)] == sales("again", 2)

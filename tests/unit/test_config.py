@@ -94,3 +94,27 @@ def test_admin_keys_are_checked_like_dataset_keys():
     for bad in (f"Ops_1:{digest}", f"ops:{'zz' * 32}", "ops:abc", digest):
         with pytest.raises(ConfigError, match="SLUICE_ADMIN_KEYS"):
             Settings.from_env({"SLUICE_ADMIN_KEYS": bad})
+
+
+def test_sessions_time_out_before_their_state_is_forgotten(tmp_path, monkeypatch, capsys):
+    """A session's hash lives SLUICE_LOG_MAX_AGE_S after its last activity, its timeout
+    SLUICE_SESSION_MAX_TIMEOUT_S: with LOG_MAX_AGE 3600 and a 7200 s session idle for over an
+    hour, its chunks and reads got 404 SESSION_NOT_FOUND while it was still pending."""
+    bad = {"SLUICE_LOG_MAX_AGE_S": "3600", "SLUICE_SESSION_MAX_TIMEOUT_S": "7200"}
+    with pytest.raises(ConfigError, match=r"SLUICE_SESSION_MAX_TIMEOUT_S.*SLUICE_LOG_MAX_AGE_S"):
+        Settings.from_env(bad)
+    with pytest.raises(ConfigError, match="SLUICE_SESSION_MAX_TIMEOUT_S"):  # the default 86400
+        Settings.from_env({"SLUICE_LOG_MAX_AGE_S": "3600", "SLUICE_SESSION_TIMEOUT_S": "600"})
+    with pytest.raises(ConfigError):
+        Settings.from_env({**bad, "SLUICE_SESSION_MAX_TIMEOUT_S": "3600"})  # not even equal
+    settings = Settings.from_env({**bad, "SLUICE_SESSION_MAX_TIMEOUT_S": "3599",
+                                  "SLUICE_SESSION_TIMEOUT_S": "900"})
+    assert (settings.session_max_timeout_s, settings.log_max_age_s) == (3599, 3600)
+    # the gateway's commands stop at start with the message (exit code 2)
+    from gateway.cli import main
+
+    for name, value in bad.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert "SLUICE_SESSION_MAX_TIMEOUT_S (7200)" in err and "SLUICE_LOG_MAX_AGE_S (3600)" in err

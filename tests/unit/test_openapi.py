@@ -258,9 +258,9 @@ def test_dataset_answers_match(spec):
 
 def test_session_answers_match(spec):
     pending = Session("ing_0123456789abcdef01234567", "sales", None, "pos", PENDING, 1000,
-                      2000, None, 60_000, 1, 1, 3, 2, 1, 1, 0, 0)
+                      2000, None, 60_000, 1, 1, 0, 3, 2, 1, 1, 0, 0)
     closed = Session("ing_0123456789abcdef01234567", "sales", "retail", "pos", CLOSED, 1000,
-                     2000, 3000, 60_000, 1, 0, 3, 2, 1, 2, 0, 0)
+                     2000, 3000, 60_000, 1, 0, 1, 3, 2, 1, 2, 0, 0)
     for session in (pending, closed):
         assert_valid(spec, "#/components/schemas/Ingestion", session.document())
     request = IngestRequest(SALES, PRINCIPAL, b"", False, JSON, True, None,

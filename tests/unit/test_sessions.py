@@ -41,13 +41,13 @@ def test_create_body_must_be_json():
 
 
 def _reply(status=b"pending", alive=1, in_flight=0, accepted=b"5", stored=(b"3", b"1", None),
-           closed_at=None):
+           closed_at=None, lapsed=0):
     fields = [b"dataset", b"sales", b"created_by", b"pos", b"timeout_ms", b"60000",
               b"status", status, b"created_at", b"1000", b"last_activity_at", b"2000",
               b"chunks", b"2", b"received", b"6", b"accepted", accepted, b"rejected", b"1"]
     if closed_at:
         fields += [b"closed_at", closed_at]
-    return [fields, alive, in_flight, list(stored)]
+    return [fields, alive, in_flight, list(stored), lapsed]
 
 
 def test_status_comes_from_the_reply():
@@ -73,6 +73,10 @@ def test_complete_needs_no_more_chunks_none_in_flight_and_every_fate():
     assert not Session.from_reply("ing_x", busy).complete
     short = _reply(status=b"closed", closed_at=b"3000", stored=(b"3", b"1", None))
     assert not Session.from_reply("ing_x", short).complete
+    # a claim that lapsed before its chunk ended: records may be published and not counted
+    lapsed = _reply(status=b"closed", closed_at=b"3000", stored=every_fate, lapsed=1)
+    assert not Session.from_reply("ing_x", lapsed).complete
+    assert Session.from_reply("ing_x", lapsed).document()["chunks_lapsed"] == 1
     dead_lettered = _reply(alive=0, stored=(b"2", None, b"3"))
     assert Session.from_reply("ing_x", dead_lettered).status == EXPIRED
     assert Session.from_reply("ing_x", dead_lettered).complete
