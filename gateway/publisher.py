@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -104,7 +105,12 @@ class Publisher:
             async with asyncio.timeout(self._timeout):
                 await self._ensure_topic(producer, topic)
                 parts = len(values)
-                futures = [await producer.send(topic, v, headers=meta.headers(i, parts))
+                # the parts of a split request go to one partition, where their offsets keep
+                # their order: the workers' last-writer-wins breaks a tie of receive times by
+                # partition and offset, so a later part must never lose to an earlier one
+                partition = _one_partition(producer, topic) if parts > 1 else None
+                futures = [await producer.send(topic, v, headers=meta.headers(i, parts),
+                                               partition=partition)
                            for i, v in enumerate(values)]
                 if parts == 1:
                     await futures[0]
@@ -153,6 +159,13 @@ class Publisher:
         if missing:
             return False, f"missing entry topics: {', '.join(missing)}"
         return True, "ok"
+
+
+def _one_partition(producer: AIOKafkaProducer, topic: str) -> int:
+    cluster = producer.client.cluster
+    choices = (cluster.available_partitions_for_topic(topic)
+               or cluster.partitions_for_topic(topic))
+    return random.choice(sorted(choices))
 
 
 def _check_sizes(values: list[bytes], limit: int) -> None:
