@@ -19,7 +19,6 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from redis.exceptions import RedisError
@@ -32,7 +31,7 @@ from schemas.periodic import Periodic
 from schemas.structure import Structure
 from workers.accounting import BatchOutcome
 from workers.config import WorkerSettings
-from workers.decode import DeadLetter, Decoded, decode
+from workers.decode import DeadLetter, Decoded, decode, letter
 from workers.dlq import DeadLetters
 from workers.rows import reduce_latest
 from workers.sinks import (
@@ -291,9 +290,9 @@ class Worker:
                 if where not in events:
                     events[where] = r.decode_value(record.value)
                 event = events[where][row.index]
-                letters[id(row)] = DeadLetter(
-                    record, orjson.dumps(event), "STORE_REFUSED",
-                    f"the store refused the event: {reason}", row.index, origin)
+                letters[id(row)] = letter(record, event, "STORE_REFUSED",
+                                          f"the store refused the event: {reason}", row.index,
+                                          origin)
         if not letters:
             raise exc
         log.warning("the store refused %d of %d rows of dataset %s (%s); they go to the "

@@ -422,6 +422,55 @@ async def test_the_nul_character_is_dead_lettered_and_the_partition_flows(gatewa
     running.task.result()
 
 
+def nested(levels: int, inner: bytes = b"1") -> bytes:
+    """JSON text of ``inner`` inside ``levels`` arrays."""
+    return b"[" * levels + inner + b"]" * levels
+
+
+_WHOLE_RECORD = ("; the value is the whole source record: the event is nested too deeply "
+                 "(over 254 levels) to be written as JSON again")
+
+
+async def test_an_event_nested_too_deeply_to_write_again_is_dead_lettered_with_its_record(
+        gateway, storage_url):
+    """orjson reads JSON nested up to 1024 levels and writes at most 254. Writing the dead
+    letter of such an event (here an array where a text goes, and a NUL 1000 levels down,
+    whose search also outran Python's recursion limit) stopped the worker, and its
+    replacement, for ever. The letter carries the record's value instead, and says so."""
+    body = (b'[{"region": ' + nested(300) + b', "revenue": 1}, {"region": "ok", "revenue": 2}, '
+            b'{"region": "nul", "revenue": 3, "tags": ' + nested(1000, b'"\\u0000"') + b'}]')
+    await produce(gateway.bootstrap, gateway.topic, body)
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT region FROM sales") == [("ok",)]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(gateway.topic))
+    assert sorted((d.value, dict(d.headers)[r.H_SOURCE_INDEX],
+                   dict(d.headers)[r.H_ERROR].decode()) for d in dead) == [
+        (body, b"0", "$.region: expected a string, got list" + _WHOLE_RECORD),
+        (body, b"2", f"$.tags{'[0]' * 1000}: contains the NUL character (\\u0000), which the "
+                     "stores cannot keep" + _WHOLE_RECORD)]
+    running.task.result()
+
+
+async def test_a_refused_event_nested_too_deeply_to_write_again_is_dead_lettered_with_its_record(
+        gateway, storage_url):
+    """The same for an event the store refuses (a field the dataset drops holds the depth)."""
+    topic = f"ingest.guarded.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    await _guarded(gateway, storage_url, topic, "unknown_fields: drop\n")
+    body = b'[{"n": 1}, {"n": 500, "deep": ' + nested(300) + b'}]'
+    await produce(gateway.bootstrap, topic, body)
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "guarded"), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    assert [(d.value, dict(d.headers)[r.H_ERROR_CODE], dict(d.headers)[r.H_SOURCE_INDEX])
+            for d in dead] == [(body, b"STORE_REFUSED", b"1")]
+    assert dict(dead[0].headers)[r.H_ERROR].decode().endswith(_WHOLE_RECORD)
+    running.task.result()
+
+
 async def test_a_header_with_a_null_value_counts_as_absent(gateway, storage_url):
     """Kafka allows a header without a value (None in aiokafka): decoding one stopped the
     worker (None has no decode), its replacement too, at the same record for ever. It counts
