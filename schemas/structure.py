@@ -49,16 +49,23 @@ class Structure:
         self.keep_unknown = dataset.unknown_fields == "keep"
         self.columns = _plan(dataset.schema, dataset.nested == "json", dataset.identifying)
         self._known_top = frozenset(dataset.schema.get("properties", {}))
-        # per column: top-level name (or None for a nested path), path, coercion, required,
-        # default; the top-level case skips the path walk
-        self._coerce = [(c.path[0] if len(c.path) == 1 else None, c.path, _COERCE[c.kind],
-                         c.required, c.default) for c in self.columns]
         self.key_column = _column_of(dataset.item_key)
         self.event_column = _column_of(dataset.event_id)
+        # per column: top-level name (or None for a nested path), path, coercion, required,
+        # default; the top-level case skips the path walk
+        self._coerce = [(c.path[0] if len(c.path) == 1 else None, c.path, self.coercion(c),
+                         c.required, c.default) for c in self.columns]
         names = [n for n, _ in self.data_columns]
         self.data_names = tuple(names)
         self.key_index = names.index(self.key_column) if self.key_column else None
         self.row_values = compile_shaper(self)  # type: ignore[method-assign]
+
+    def coercion(self, column: Column) -> Callable[[Any], Any]:
+        """The function that makes a value of ``column`` the row's: its kind's, or for an
+        item key of kind json, to_item_key (a batch keeps one row per key, as the store)."""
+        if column.kind == "json" and column.name == self.key_column:
+            return to_item_key
+        return _COERCE[column.kind]
 
     @property
     def data_columns(self) -> list[tuple[str, str]]:
@@ -133,12 +140,13 @@ def compile_shaper(structure: Structure) -> Callable[[Any], tuple]:
     for i, column in enumerate(structure.columns):
         v = f"v{i}"
         names.append(v)
+        coerce = structure.coercion(column)
         bound.update({f"top{i}": column.path[0], f"path{i}": column.path,
-                      f"where{i}": _dotted(column.path), f"coerce{i}": _COERCE[column.kind],
+                      f"where{i}": _dotted(column.path), f"coerce{i}": coerce,
                       f"default{i}": column.default})
         body.append(f"{v} = item.get(top{i}, MISSING)" if len(column.path) == 1
                     else f"{v} = get_path(item, path{i})")
-        convert = _conversion(v, i, column.kind)
+        convert = _conversion(v, i, column.kind if coerce is _COERCE[column.kind] else None)
         body.append(f"if {v} is MISSING or {v} is None:")
         if column.default is not _MISSING:
             body += [f"    {v} = default{i}", *convert]
@@ -158,10 +166,10 @@ def compile_shaper(structure: Structure) -> Callable[[Any], tuple]:
     return namespace["make"](**bound)
 
 
-def _conversion(v: str, i: int, kind: str) -> list[str]:
+def _conversion(v: str, i: int, kind: str | None) -> list[str]:
     """Source lines that coerce local ``v`` with column ``i``'s coercion, unless it already
-    has the column's type."""
-    identity = _IDENTITY.get(kind)
+    has the column's type (``kind``; None: a coercion of its own, always called)."""
+    identity = _IDENTITY.get(kind) if kind is not None else None
     if identity == "True":
         return []
     lines = ["try:", f"    {v} = coerce{i}({v})", "except ERRORS as exc:",
@@ -319,6 +327,25 @@ def to_date(value: Any) -> date:
 
 
 def to_json(value: Any) -> Any:
+    return value
+
+
+_KEY_NUMBERS = (INT64_MIN, 2**64 - 1)  # the integers orjson reads as int
+
+
+def to_item_key(value: Any) -> Any:
+    """An item key whose field may hold any JSON (an untyped or multi-type field): a string,
+    number or boolean, an integral number as the integer (``1.0`` is ``1``, as PostgreSQL's
+    jsonb compares them). A batch keeps one row per key, so the key must be one both stores
+    and the batch take for the same item: an object or array (unhashable here, and compared
+    by PostgreSQL in ways a key's text is not) is refused."""
+    kind = type(value)
+    if kind is float:
+        if value.is_integer() and _KEY_NUMBERS[0] <= value <= _KEY_NUMBERS[1]:
+            return int(value)
+    elif kind is dict or kind is list:
+        raise TypeError("an item key must be a string, a number or a boolean, not "
+                        + ("an object" if kind is dict else "an array"))
     return value
 
 

@@ -323,6 +323,34 @@ async def test_an_item_without_its_key_is_dead_lettered_and_the_partition_flows(
     running.task.result()
 
 
+async def test_an_item_key_of_any_json_is_a_scalar_and_the_partition_flows(gateway,
+                                                                           storage_url):
+    """An item key whose field may hold any JSON (untyped here, or of several types) that
+    held an object or array stopped the worker (a batch keeps one row per key, in a dict:
+    unhashable), and its replacement, for ever. It is dead-lettered; an integral number is
+    the integer (7.0 is 7, as PostgreSQL's jsonb compares them)."""
+    topic = f"ingest.anykey.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    (gateway.settings.catalogue_dir / "anykey.yaml").write_text(
+        f"id: anykey\nitem_key: k\nentry_topic: {topic}\nschema: {{type: object, properties: "
+        "{k: {}, n: {type: integer}}}\n")
+    await produce(gateway.bootstrap, topic, b'[{"k": [1], "n": 1}, {"k": {"a": 1}, "n": 2}, '
+                  b'{"k": 7, "n": 3}, {"k": 7.0, "n": 4}, {"k": "a", "n": 5}]')
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "anykey"), 2), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    stored = sorted(await rows(storage_url, "SELECT k, n FROM anykey"), key=lambda x: x[1])
+    assert stored == ([("7", 4), ("a", 5)] if storage_url.startswith("sqlite") else
+                      [("7", 4), ('"a"', 5)])  # jsonb, read as its text
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    assert sorted((d.value, dict(d.headers)[r.H_ERROR]) for d in dead) == [
+        (b'{"k":[1],"n":1}', b"$.k: an item key must be a string, a number or a boolean, "
+                             b"not an array"),
+        (b'{"k":{"a":1},"n":2}', b"$.k: an item key must be a string, a number or a boolean, "
+                                 b"not an object")]
+    running.task.result()
+
+
 async def test_an_item_whose_newest_write_the_store_refuses_keeps_the_one_before(
         gateway, storage_url):
     """In an item-key dataset the newest write of an item in a batch supersedes the older

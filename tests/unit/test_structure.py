@@ -186,7 +186,8 @@ def _outcome(shape, item):
         return ("ShapeError", exc.path, exc.message)
 
 
-@pytest.mark.parametrize("options", [{}, {"nested": "json", "unknown_fields": "drop"}])
+@pytest.mark.parametrize("options", [{}, {"nested": "json", "unknown_fields": "drop"},
+                                     {"item_key": "tags"}])  # an item key of kind json
 @settings(max_examples=400)
 @given(item=_ITEMS)
 @example(item={"id": "a", "x": float("nan"), "geo": {"lat": 1}})  # the identity tests' edges
