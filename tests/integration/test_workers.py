@@ -328,26 +328,81 @@ async def test_an_item_key_of_any_json_is_a_scalar_and_the_partition_flows(gatew
     """An item key whose field may hold any JSON (untyped here, or of several types) that
     held an object or array stopped the worker (a batch keeps one row per key, in a dict:
     unhashable), and its replacement, for ever. It is dead-lettered; an integral number is
-    the integer (7.0 is 7, as PostgreSQL's jsonb compares them)."""
+    the integer (1.0 is 1, as PostgreSQL's jsonb compares them); 1, true and "1" are three
+    items (SQLite took them for one, and a batch for two: 1 == True in Python)."""
     topic = f"ingest.anykey.{uuid.uuid4().hex[:8]}"
     await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
     (gateway.settings.catalogue_dir / "anykey.yaml").write_text(
         f"id: anykey\nitem_key: k\nentry_topic: {topic}\nschema: {{type: object, properties: "
         "{k: {}, n: {type: integer}}}\n")
     await produce(gateway.bootstrap, topic, b'[{"k": [1], "n": 1}, {"k": {"a": 1}, "n": 2}, '
-                  b'{"k": 7, "n": 3}, {"k": 7.0, "n": 4}, {"k": "a", "n": 5}]')
+                  b'{"k": 1, "n": 3}, {"k": 1.0, "n": 4}, {"k": "a", "n": 5}, '
+                  b'{"k": true, "n": 6}, {"k": "1", "n": 7}]')
     async with Running(gateway, storage_url) as running:
-        await wait_for(lambda: _equals(count(storage_url, "anykey"), 2), timeout=30)
+        await wait_for(lambda: _equals(count(storage_url, "anykey"), 4), timeout=30)
         await wait_for(lambda: _positive(running.worker.batches))
-    stored = sorted(await rows(storage_url, "SELECT k, n FROM anykey"), key=lambda x: x[1])
-    assert stored == ([("7", 4), ("a", 5)] if storage_url.startswith("sqlite") else
-                      [("7", 4), ('"a"', 5)])  # jsonb, read as its text
+    # the key as JSON text in either store (jsonb read without a codec is its text)
+    assert sorted(await rows(storage_url, "SELECT k, n FROM anykey"), key=lambda x: x[1]) == [
+        ("1", 4), ('"a"', 5), ("true", 6), ('"1"', 7)]
     dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
     assert sorted((d.value, dict(d.headers)[r.H_ERROR]) for d in dead) == [
         (b'{"k":[1],"n":1}', b"$.k: an item key must be a string, a number or a boolean, "
                              b"not an array"),
         (b'{"k":{"a":1},"n":2}', b"$.k: an item key must be a string, a number or a boolean, "
                                  b"not an object")]
+    running.task.result()
+
+
+_LOOSE = {"id": "loose", "schema": {"type": "object", "properties": {
+    "id": {"type": "integer"}, "v": {}, "w": {"type": ["string", "integer"]}}}}
+
+
+async def test_json_values_keep_their_json_type_in_either_store(make_gateway, storage_url):
+    """A field that may hold any JSON (untyped, of several types, an array: a json column).
+    SQLite bound its plain values as they were: an integer from 2**63 to 2**64 - 1 (the
+    gateway accepts it, orjson reads it as an int) stopped every worker with OverflowError,
+    and true, 1 and "1" were all stored as '1' (the text "true" read back as a boolean).
+    Each value is now kept as its JSON text, as PostgreSQL's jsonb keeps it."""
+    gateway = await make_gateway(datasets=(_LOOSE,))
+    values = [2**64 - 1, True, 1, "1", "true", 1.5, {"a": [1, None]}, [], -(2**63)]
+    plain = (str, int)  # what w takes
+    items = [{"id": i, "v": v, "other": v, **({"w": v} if type(v) in plain else {})}
+             for i, v in enumerate(values)]
+    resp = await gateway.post(orjson.dumps(items), dataset="loose")
+    assert resp.status == 202, await resp.text()
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "loose"), len(values)), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    got = await rows(storage_url, "SELECT v, w, _extra FROM loose ORDER BY id")
+    typed = [[(type(x), x) for x in (orjson.loads(v), None if w is None else orjson.loads(w),
+                                     orjson.loads(extra)["other"])] for v, w, extra in got]
+    assert typed == [[(type(v), v), (type(v), v) if type(v) in plain else (type(None), None),
+                      (type(v), v)] for v in values]
+    running.task.result()
+
+
+async def test_json_too_deep_to_write_is_dead_lettered_in_either_store(make_gateway,
+                                                                       storage_url):
+    """orjson reads up to 1024 levels and writes at most 254: a json column (here a field
+    the gateway takes as any JSON, and an unknown field kept in _extra) holding a deeper
+    value stopped every worker, in SQLite's binding and PostgreSQL's COPY alike. It is
+    dead-lettered, saying why."""
+    gateway = await make_gateway(datasets=(_LOOSE,))
+    body = (b'[{"id": 1, "v": ' + nested(300) + b'}, {"id": 2, "v": 1}, '
+            b'{"id": 3, "extra": ' + nested(300) + b"}]")
+    resp = await gateway.post(body, dataset="loose")
+    assert resp.status == 202, await resp.text()  # the gateway accepts it as it is
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "loose"), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT id FROM loose") == [(2,)]
+    topic = gateway.topic.replace("ingest.sales.", "ingest.loose.")
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    too_deep = "cannot be written as JSON: nested too deeply (over 254 levels)"
+    assert sorted((dict(d.headers)[r.H_SOURCE_INDEX], dict(d.headers)[r.H_ERROR].decode())
+                  for d in dead) == [(b"0", f"$.v: {too_deep}{_WHOLE_RECORD}"),
+                                     (b"2", f"$.extra: {too_deep}{_WHOLE_RECORD}")]
+    assert all(d.value == body for d in dead)  # each event too deep to write again
     running.task.result()
 
 
