@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 import pytest
 import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas import records as r
 from schemas.dataset import Limits, parse_dataset
@@ -210,6 +211,49 @@ async def test_a_worker_told_to_stop_while_redis_is_away_stops_and_commits_nothi
     async with Running(gateway, storage, group) as again:
         await wait_for(lambda: _positive(again.worker.batches))
     assert await count(storage) == 10
+
+
+async def test_a_rebalance_inside_a_poll_puts_no_record_in_the_batch_twice(gateway, tmp_path):
+    """A poll is several fetches. aiokafka starts a new assignment at every rebalance, and a
+    partition the worker keeps is fetched again from its committed offset: a rebalance
+    between two fetches put those records in the batch twice, and an append-only table
+    (offset fences compare with the stored fence only) stored each twice."""
+    storage = f"sqlite:///{tmp_path}/rebalance.db"
+    producer = AIOKafkaProducer(bootstrap_servers=gateway.bootstrap, acks="all",
+                                enable_idempotence=False)
+    await producer.start()
+    try:
+        for n in range(200):  # dataset "other": append-only, any object
+            await producer.send(gateway.other_topic, orjson.dumps({"n": n}), partition=n % 2)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    group = f"rebalance-{uuid.uuid4().hex[:6]}"
+    worker = Running(gateway, storage, group, WORKER_BATCH_MS="8000").worker
+    joining = AIOKafkaConsumer(gateway.other_topic, bootstrap_servers=gateway.bootstrap,
+                               group_id=group, enable_auto_commit=False,
+                               session_timeout_ms=3000, heartbeat_interval_ms=1000)
+    try:
+        await worker._start()
+        polling = asyncio.create_task(worker._poll())
+        await asyncio.sleep(1)  # the worker has fetched both partitions of the topic
+        await joining.start()  # and this one joins the group: a rebalance inside the poll
+        batch = await polling
+        kept = {tp.partition for tp in worker.consumer.assignment()
+                if tp.topic == gateway.other_topic}
+        assert len(kept) == 1  # the rebalance did happen inside the poll
+        records = [(rec.topic, rec.partition, rec.offset) for rec in batch]
+        assert len(records) == len(set(records))
+        assert {p for t, p, _ in records if t == gateway.other_topic} == {0, 1}
+        await worker._handle(batch)
+        assert await count(storage, "other") == len(records)
+    finally:
+        await joining.stop()
+        if worker.consumer is not None:
+            await worker.consumer.stop()
+        await worker.dlq.stop()
+        await worker.sink.close()
+        await worker.redis.aclose()
 
 
 async def test_out_of_order_item_key_updates_keep_the_newest(gateway, storage_url):
