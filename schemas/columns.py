@@ -193,22 +193,36 @@ def nul_path(value: Any, path: str = "$") -> str | None:
     """The JSONPath of the first string (or the object with a key) in ``value`` that holds
     the NUL character, or None. PostgreSQL keeps no NUL in text or jsonb, so such an event
     would fail its batch's write for ever; it is refused wherever it enters, whatever the
-    store, so that an event's fate never depends on the store."""
-    if isinstance(value, str):
-        return path if "\x00" in value else None
+    store, so that an event's fate never depends on the store.
+
+    Depth first with a stack of its own: JSON nests up to 1024 levels as orjson reads it,
+    beyond Python's recursion limit."""
+    pending = [iter(((path, value),))]
+    while pending:
+        for where, item in pending[-1]:
+            if isinstance(item, str):
+                if "\x00" in item:
+                    return where
+            elif isinstance(item, dict | list):
+                pending.append(_entries(item, where))
+                break
+        else:
+            pending.pop()
+    return None
+
+
+def _entries(value: dict | list, path: str) -> Iterator[tuple[str, Any]]:
+    """(path, value) of each member of an object or array, in order; for an object's key
+    holding NUL, the object's own path with a NUL string, which nul_path then reports."""
     if isinstance(value, dict):
         for key, item in value.items():
             if "\x00" in key:
-                return path
-            found = nul_path(item, f"{path}.{key}")
-            if found is not None:
-                return found
-    elif isinstance(value, list):
+                yield path, "\x00"
+                return
+            yield f"{path}.{key}", item
+    else:
         for i, item in enumerate(value):
-            found = nul_path(item, f"{path}[{i}]")
-            if found is not None:
-                return found
-    return None
+            yield f"{path}[{i}]", item
 
 
 NUL_MESSAGE = "contains the NUL character (\\u0000), which the stores cannot keep"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from schemas.columns import EXTRA_COLUMN, INT64_MAX, INT64_MIN, accepts_null, column_fields
 from schemas.dataset import Dataset
 
@@ -49,16 +51,23 @@ class Structure:
         self.keep_unknown = dataset.unknown_fields == "keep"
         self.columns = _plan(dataset.schema, dataset.nested == "json", dataset.identifying)
         self._known_top = frozenset(dataset.schema.get("properties", {}))
-        # per column: top-level name (or None for a nested path), path, coercion, required,
-        # default; the top-level case skips the path walk
-        self._coerce = [(c.path[0] if len(c.path) == 1 else None, c.path, _COERCE[c.kind],
-                         c.required, c.default) for c in self.columns]
         self.key_column = _column_of(dataset.item_key)
         self.event_column = _column_of(dataset.event_id)
+        # per column: top-level name (or None for a nested path), path, coercion, required,
+        # default; the top-level case skips the path walk
+        self._coerce = [(c.path[0] if len(c.path) == 1 else None, c.path, self.coercion(c),
+                         c.required, c.default) for c in self.columns]
         names = [n for n, _ in self.data_columns]
         self.data_names = tuple(names)
         self.key_index = names.index(self.key_column) if self.key_column else None
         self.row_values = compile_shaper(self)  # type: ignore[method-assign]
+
+    def coercion(self, column: Column) -> Callable[[Any], Any]:
+        """The function that makes a value of ``column`` the row's: its kind's, or for an
+        item key of kind json, to_item_key (a batch keeps one row per key, as the store)."""
+        if column.kind == "json" and column.name == self.key_column:
+            return to_item_key
+        return _COERCE[column.kind]
 
     @property
     def data_columns(self) -> list[tuple[str, str]]:
@@ -100,18 +109,18 @@ class Structure:
             if item.keys() <= self._known_top:
                 append(None)
             else:
-                append({k: v for k, v in item.items() if k not in self._known_top})
+                append(unknown_json(item, self._known_top))
         return tuple(values)
 
 
 # A value of this exact type that passes this test is its own coercion (the to_* functions
-# return it unchanged): the compiled shaper skips the call. Timestamps and dates always convert.
+# return it unchanged): the compiled shaper skips the call. Timestamps, dates and json values
+# (written as JSON text) always convert.
 _IDENTITY = {
     "text": "type({v}) is str",
     "integer": f"type({{v}}) is int and {INT64_MIN} <= {{v}} <= {INT64_MAX}",
     "number": "type({v}) is float and {v} - {v} == 0.0",  # finite, as to_number requires
     "boolean": "type({v}) is bool",
-    "json": "True",
 }
 
 
@@ -125,7 +134,7 @@ def compile_shaper(structure: Structure) -> Callable[[Any], tuple]:
     """
     bound: dict[str, Any] = {"MISSING": _MISSING, "ShapeError": ShapeError, "get_path": _get,
                              "ERRORS": (ValueError, TypeError, OverflowError),
-                             "KNOWN": structure._known_top}
+                             "KNOWN": structure._known_top, "unknown_json": unknown_json}
     body = ["if not isinstance(item, dict):",
             "    raise ShapeError('$', 'an item must be a JSON object, not '"
             " + type(item).__name__)"]
@@ -133,12 +142,13 @@ def compile_shaper(structure: Structure) -> Callable[[Any], tuple]:
     for i, column in enumerate(structure.columns):
         v = f"v{i}"
         names.append(v)
+        coerce = structure.coercion(column)
         bound.update({f"top{i}": column.path[0], f"path{i}": column.path,
-                      f"where{i}": _dotted(column.path), f"coerce{i}": _COERCE[column.kind],
+                      f"where{i}": _dotted(column.path), f"coerce{i}": coerce,
                       f"default{i}": column.default})
         body.append(f"{v} = item.get(top{i}, MISSING)" if len(column.path) == 1
                     else f"{v} = get_path(item, path{i})")
-        convert = _conversion(v, i, column.kind)
+        convert = _conversion(v, i, column.kind if coerce is _COERCE[column.kind] else None)
         body.append(f"if {v} is MISSING or {v} is None:")
         if column.default is not _MISSING:
             body += [f"    {v} = default{i}", *convert]
@@ -148,8 +158,7 @@ def compile_shaper(structure: Structure) -> Callable[[Any], tuple]:
             body += [f"    {v} = None", *(["else:", *_indented(convert)] if convert else [])]
     if structure.keep_unknown:
         names.append("extra")
-        body += ["extra = (None if item.keys() <= KNOWN else",
-                 "         {k: x for k, x in item.items() if k not in KNOWN})"]
+        body.append("extra = None if item.keys() <= KNOWN else unknown_json(item, KNOWN)")
     body.append(f"return ({', '.join(names)}{',' if len(names) == 1 else ''})")
     source = (f"def make({', '.join(bound)}):\n    def row_values(item):\n"
               + "".join(f"        {line}\n" for line in body) + "    return row_values\n")
@@ -158,12 +167,10 @@ def compile_shaper(structure: Structure) -> Callable[[Any], tuple]:
     return namespace["make"](**bound)
 
 
-def _conversion(v: str, i: int, kind: str) -> list[str]:
+def _conversion(v: str, i: int, kind: str | None) -> list[str]:
     """Source lines that coerce local ``v`` with column ``i``'s coercion, unless it already
-    has the column's type."""
-    identity = _IDENTITY.get(kind)
-    if identity == "True":
-        return []
+    has the column's type (``kind``; None: a coercion of its own, always called)."""
+    identity = _IDENTITY.get(kind) if kind is not None else None
     lines = ["try:", f"    {v} = coerce{i}({v})", "except ERRORS as exc:",
              f"    raise ShapeError(where{i}, str(exc)) from None"]
     if identity is None:
@@ -318,8 +325,54 @@ def to_date(value: Any) -> date:
     return to_timestamp(value).date()
 
 
-def to_json(value: Any) -> Any:
-    return value
+def to_json(value: Any) -> str:
+    """A json column's value as its JSON text, which both stores keep as it is (SQLite as
+    text, PostgreSQL as jsonb): a string, number or boolean keeps its JSON type (``"1"``,
+    ``1`` and ``true`` stay apart) and an integer up to 2**64 - 1 its digits.
+
+    orjson reads up to 1024 levels of nesting but writes at most 254: a deeper value is
+    refused here, on either store (it would fail its batch's write for ever)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError as exc:
+        why = str(exc)
+        if why == "Recursion limit reached":
+            why = "nested too deeply (over 254 levels)"
+        raise ValueError(f"cannot be written as JSON: {why}") from None
+
+
+def unknown_json(item: dict, known: frozenset[str]) -> str:
+    """The item's fields its schema does not name, as the JSON text of one object (the
+    ``_extra`` column); ShapeError naming the first field that cannot be written."""
+    extra = {k: v for k, v in item.items() if k not in known}
+    try:
+        return orjson.dumps(extra).decode()
+    except orjson.JSONEncodeError:
+        for name, value in extra.items():
+            try:
+                to_json([value])  # one level more, as in the object
+            except ValueError as exc:
+                raise ShapeError(_dotted((name,)), str(exc)) from None
+        raise ShapeError("$", "the unknown fields cannot be written as JSON") from None
+
+
+_KEY_NUMBERS = (INT64_MIN, 2**64 - 1)  # the integers orjson reads as int
+
+
+def to_item_key(value: Any) -> str:
+    """An item key whose field may hold any JSON (an untyped or multi-type field), as its
+    JSON text (to_json): a string, number or boolean, an integral number as the integer
+    (``1.0`` is ``1``, as PostgreSQL's jsonb compares them). A batch keeps one row per key's
+    text, so that text must be one both stores take for the same item: an object or array
+    (whose keys' order and numbers' forms jsonb does not compare as text) is refused."""
+    kind = type(value)
+    if kind is float:
+        if value.is_integer() and _KEY_NUMBERS[0] <= value <= _KEY_NUMBERS[1]:
+            value = int(value)
+    elif kind is dict or kind is list:
+        raise TypeError("an item key must be a string, a number or a boolean, not "
+                        + ("an object" if kind is dict else "an array"))
+    return to_json(value)
 
 
 _COERCE: dict[str, Callable[[Any], Any]] = {

@@ -19,7 +19,6 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from redis.exceptions import RedisError
@@ -32,7 +31,7 @@ from schemas.periodic import Periodic
 from schemas.structure import Structure
 from workers.accounting import BatchOutcome
 from workers.config import WorkerSettings
-from workers.decode import DeadLetter, Decoded, decode
+from workers.decode import DeadLetter, Decoded, decode, letter
 from workers.dlq import DeadLetters
 from workers.rows import reduce_latest
 from workers.sinks import (
@@ -150,9 +149,17 @@ class Worker:
         self.stopping.set()
 
     async def _poll(self) -> list:
+        """A batch: records of several fetches, each record once.
+
+        aiokafka starts a new assignment at every rebalance, and a partition the worker keeps
+        is fetched again from its committed offset: after a rebalance between two fetches, the
+        second gives records the batch already holds (an append-only table, whose offset
+        fences compare with the stored fence only, would store them twice). A partition's
+        fetch is in offset order, so one comparison per partition and fetch finds them."""
         assert self.consumer is not None
         batch: list = []
         size = 0  # bytes of record values: a batch's memory is several times that, decoded
+        last: dict[TopicPartition, int] = {}  # the offset of each partition's last record
         deadline = time.monotonic() + self.settings.batch_ms / 1000
         while (len(batch) < self.settings.batch_size and size < self.settings.batch_max_bytes
                and not self.stopping.is_set()):
@@ -162,7 +169,12 @@ class Worker:
             fetched = await self.consumer.getmany(
                 timeout_ms=int(remaining * 1000),
                 max_records=self.settings.batch_size - len(batch))
-            for records in fetched.values():
+            for tp, records in fetched.items():
+                if tp in last and records[0].offset <= last[tp]:  # fetched again
+                    records = [rec for rec in records if rec.offset > last[tp]]
+                    if not records:
+                        continue
+                last[tp] = records[-1].offset
                 batch.extend(records)
                 size += sum(len(rec.value) for rec in records if rec.value is not None)
         return batch
@@ -291,9 +303,9 @@ class Worker:
                 if where not in events:
                     events[where] = r.decode_value(record.value)
                 event = events[where][row.index]
-                letters[id(row)] = DeadLetter(
-                    record, orjson.dumps(event), "STORE_REFUSED",
-                    f"the store refused the event: {reason}", row.index, origin)
+                letters[id(row)] = letter(record, event, "STORE_REFUSED",
+                                          f"the store refused the event: {reason}", row.index,
+                                          origin)
         if not letters:
             raise exc
         log.warning("the store refused %d of %d rows of dataset %s (%s); they go to the "

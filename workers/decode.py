@@ -93,6 +93,22 @@ def decode(record: Any, structure: Structure, out: Decoded) -> tuple[Origin, int
                 raise ShapeError(where, NUL_MESSAGE)
             rows.append(Row(shape(event), base, index))
         except ShapeError as exc:
-            out.dead.append(DeadLetter(record, orjson.dumps(event), "SHAPE_FAILED", str(exc),
-                                       index, base))
+            out.dead.append(letter(record, event, "SHAPE_FAILED", str(exc), index, base))
     return base, len(events)
+
+
+# orjson reads up to 1024 levels of nesting but writes at most 254
+_NOT_WRITABLE = ("; the value is the whole source record: the event is nested too deeply "
+                 "(over 254 levels) to be written as JSON again")
+
+
+def letter(record: Any, event: Any, code: str, error: str, index: int,
+           origin: Origin) -> DeadLetter:
+    """The dead letter of one event of ``record``: the event as JSON, or, when it cannot be
+    written again, the record's own value (its index says which event), and the error says so.
+    """
+    try:
+        value = orjson.dumps(event)
+    except orjson.JSONEncodeError:
+        value, error = record.value, error + _NOT_WRITABLE
+    return DeadLetter(record, value, code, error, index, origin)

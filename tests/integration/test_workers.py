@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 import pytest
 import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas import records as r
 from schemas.dataset import Limits, parse_dataset
@@ -212,6 +213,49 @@ async def test_a_worker_told_to_stop_while_redis_is_away_stops_and_commits_nothi
     assert await count(storage) == 10
 
 
+async def test_a_rebalance_inside_a_poll_puts_no_record_in_the_batch_twice(gateway, tmp_path):
+    """A poll is several fetches. aiokafka starts a new assignment at every rebalance, and a
+    partition the worker keeps is fetched again from its committed offset: a rebalance
+    between two fetches put those records in the batch twice, and an append-only table
+    (offset fences compare with the stored fence only) stored each twice."""
+    storage = f"sqlite:///{tmp_path}/rebalance.db"
+    producer = AIOKafkaProducer(bootstrap_servers=gateway.bootstrap, acks="all",
+                                enable_idempotence=False)
+    await producer.start()
+    try:
+        for n in range(200):  # dataset "other": append-only, any object
+            await producer.send(gateway.other_topic, orjson.dumps({"n": n}), partition=n % 2)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    group = f"rebalance-{uuid.uuid4().hex[:6]}"
+    worker = Running(gateway, storage, group, WORKER_BATCH_MS="8000").worker
+    joining = AIOKafkaConsumer(gateway.other_topic, bootstrap_servers=gateway.bootstrap,
+                               group_id=group, enable_auto_commit=False,
+                               session_timeout_ms=3000, heartbeat_interval_ms=1000)
+    try:
+        await worker._start()
+        polling = asyncio.create_task(worker._poll())
+        await asyncio.sleep(1)  # the worker has fetched both partitions of the topic
+        await joining.start()  # and this one joins the group: a rebalance inside the poll
+        batch = await polling
+        kept = {tp.partition for tp in worker.consumer.assignment()
+                if tp.topic == gateway.other_topic}
+        assert len(kept) == 1  # the rebalance did happen inside the poll
+        records = [(rec.topic, rec.partition, rec.offset) for rec in batch]
+        assert len(records) == len(set(records))
+        assert {p for t, p, _ in records if t == gateway.other_topic} == {0, 1}
+        await worker._handle(batch)
+        assert await count(storage, "other") == len(records)
+    finally:
+        await joining.stop()
+        if worker.consumer is not None:
+            await worker.consumer.stop()
+        await worker.dlq.stop()
+        await worker.sink.close()
+        await worker.redis.aclose()
+
+
 async def test_out_of_order_item_key_updates_keep_the_newest(gateway, storage_url):
     newer = [(r.H_RECEIVED_AT, b"1800000002000"), (r.H_CONNECTOR, b"pos")]
     older = [(r.H_RECEIVED_AT, b"1800000001000"), (r.H_CONNECTOR, b"pos")]
@@ -323,6 +367,89 @@ async def test_an_item_without_its_key_is_dead_lettered_and_the_partition_flows(
     running.task.result()
 
 
+async def test_an_item_key_of_any_json_is_a_scalar_and_the_partition_flows(gateway,
+                                                                           storage_url):
+    """An item key whose field may hold any JSON (untyped here, or of several types) that
+    held an object or array stopped the worker (a batch keeps one row per key, in a dict:
+    unhashable), and its replacement, for ever. It is dead-lettered; an integral number is
+    the integer (1.0 is 1, as PostgreSQL's jsonb compares them); 1, true and "1" are three
+    items (SQLite took them for one, and a batch for two: 1 == True in Python)."""
+    topic = f"ingest.anykey.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    (gateway.settings.catalogue_dir / "anykey.yaml").write_text(
+        f"id: anykey\nitem_key: k\nentry_topic: {topic}\nschema: {{type: object, properties: "
+        "{k: {}, n: {type: integer}}}\n")
+    await produce(gateway.bootstrap, topic, b'[{"k": [1], "n": 1}, {"k": {"a": 1}, "n": 2}, '
+                  b'{"k": 1, "n": 3}, {"k": 1.0, "n": 4}, {"k": "a", "n": 5}, '
+                  b'{"k": true, "n": 6}, {"k": "1", "n": 7}]')
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "anykey"), 4), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    # the key as JSON text in either store (jsonb read without a codec is its text)
+    assert sorted(await rows(storage_url, "SELECT k, n FROM anykey"), key=lambda x: x[1]) == [
+        ("1", 4), ('"a"', 5), ("true", 6), ('"1"', 7)]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    assert sorted((d.value, dict(d.headers)[r.H_ERROR]) for d in dead) == [
+        (b'{"k":[1],"n":1}', b"$.k: an item key must be a string, a number or a boolean, "
+                             b"not an array"),
+        (b'{"k":{"a":1},"n":2}', b"$.k: an item key must be a string, a number or a boolean, "
+                                 b"not an object")]
+    running.task.result()
+
+
+_LOOSE = {"id": "loose", "schema": {"type": "object", "properties": {
+    "id": {"type": "integer"}, "v": {}, "w": {"type": ["string", "integer"]}}}}
+
+
+async def test_json_values_keep_their_json_type_in_either_store(make_gateway, storage_url):
+    """A field that may hold any JSON (untyped, of several types, an array: a json column).
+    SQLite bound its plain values as they were: an integer from 2**63 to 2**64 - 1 (the
+    gateway accepts it, orjson reads it as an int) stopped every worker with OverflowError,
+    and true, 1 and "1" were all stored as '1' (the text "true" read back as a boolean).
+    Each value is now kept as its JSON text, as PostgreSQL's jsonb keeps it."""
+    gateway = await make_gateway(datasets=(_LOOSE,))
+    values = [2**64 - 1, True, 1, "1", "true", 1.5, {"a": [1, None]}, [], -(2**63)]
+    plain = (str, int)  # what w takes
+    items = [{"id": i, "v": v, "other": v, **({"w": v} if type(v) in plain else {})}
+             for i, v in enumerate(values)]
+    resp = await gateway.post(orjson.dumps(items), dataset="loose")
+    assert resp.status == 202, await resp.text()
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "loose"), len(values)), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    got = await rows(storage_url, "SELECT v, w, _extra FROM loose ORDER BY id")
+    typed = [[(type(x), x) for x in (orjson.loads(v), None if w is None else orjson.loads(w),
+                                     orjson.loads(extra)["other"])] for v, w, extra in got]
+    assert typed == [[(type(v), v), (type(v), v) if type(v) in plain else (type(None), None),
+                      (type(v), v)] for v in values]
+    running.task.result()
+
+
+async def test_json_too_deep_to_write_is_dead_lettered_in_either_store(make_gateway,
+                                                                       storage_url):
+    """orjson reads up to 1024 levels and writes at most 254: a json column (here a field
+    the gateway takes as any JSON, and an unknown field kept in _extra) holding a deeper
+    value stopped every worker, in SQLite's binding and PostgreSQL's COPY alike. It is
+    dead-lettered, saying why."""
+    gateway = await make_gateway(datasets=(_LOOSE,))
+    body = (b'[{"id": 1, "v": ' + nested(300) + b'}, {"id": 2, "v": 1}, '
+            b'{"id": 3, "extra": ' + nested(300) + b"}]")
+    resp = await gateway.post(body, dataset="loose")
+    assert resp.status == 202, await resp.text()  # the gateway accepts it as it is
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "loose"), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT id FROM loose") == [(2,)]
+    topic = gateway.topic.replace("ingest.sales.", "ingest.loose.")
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    too_deep = "cannot be written as JSON: nested too deeply (over 254 levels)"
+    assert sorted((dict(d.headers)[r.H_SOURCE_INDEX], dict(d.headers)[r.H_ERROR].decode())
+                  for d in dead) == [(b"0", f"$.v: {too_deep}{_WHOLE_RECORD}"),
+                                     (b"2", f"$.extra: {too_deep}{_WHOLE_RECORD}")]
+    assert all(d.value == body for d in dead)  # each event too deep to write again
+    running.task.result()
+
+
 async def test_an_item_whose_newest_write_the_store_refuses_keeps_the_one_before(
         gateway, storage_url):
     """In an item-key dataset the newest write of an item in a batch supersedes the older
@@ -419,6 +546,74 @@ async def test_the_nul_character_is_dead_lettered_and_the_partition_flows(gatewa
          b'{"region":"a\\u0000b","revenue":1}'),
         ("$.tags: contains the NUL character (\\u0000), which the stores cannot keep",
          b'{"region":"deep","revenue":3,"tags":{"k\\u0000":1}}')]
+    running.task.result()
+
+
+def nested(levels: int, inner: bytes = b"1") -> bytes:
+    """JSON text of ``inner`` inside ``levels`` arrays."""
+    return b"[" * levels + inner + b"]" * levels
+
+
+_WHOLE_RECORD = ("; the value is the whole source record: the event is nested too deeply "
+                 "(over 254 levels) to be written as JSON again")
+
+
+async def test_an_event_nested_too_deeply_to_write_again_is_dead_lettered_with_its_record(
+        gateway, storage_url):
+    """orjson reads JSON nested up to 1024 levels and writes at most 254. Writing the dead
+    letter of such an event (here an array where a text goes, and a NUL 1000 levels down,
+    whose search also outran Python's recursion limit) stopped the worker, and its
+    replacement, for ever. The letter carries the record's value instead, and says so."""
+    body = (b'[{"region": ' + nested(300) + b', "revenue": 1}, {"region": "ok", "revenue": 2}, '
+            b'{"region": "nul", "revenue": 3, "tags": ' + nested(1000, b'"\\u0000"') + b'}]')
+    await produce(gateway.bootstrap, gateway.topic, body)
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT region FROM sales") == [("ok",)]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(gateway.topic))
+    assert sorted((d.value, dict(d.headers)[r.H_SOURCE_INDEX],
+                   dict(d.headers)[r.H_ERROR].decode()) for d in dead) == [
+        (body, b"0", "$.region: expected a string, got list" + _WHOLE_RECORD),
+        (body, b"2", f"$.tags{'[0]' * 1000}: contains the NUL character (\\u0000), which the "
+                     "stores cannot keep" + _WHOLE_RECORD)]
+    running.task.result()
+
+
+async def test_a_refused_event_nested_too_deeply_to_write_again_is_dead_lettered_with_its_record(
+        gateway, storage_url):
+    """The same for an event the store refuses (a field the dataset drops holds the depth)."""
+    topic = f"ingest.guarded.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    await _guarded(gateway, storage_url, topic, "unknown_fields: drop\n")
+    body = b'[{"n": 1}, {"n": 500, "deep": ' + nested(300) + b'}]'
+    await produce(gateway.bootstrap, topic, body)
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url, "guarded"), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    assert [(d.value, dict(d.headers)[r.H_ERROR_CODE], dict(d.headers)[r.H_SOURCE_INDEX])
+            for d in dead] == [(body, b"STORE_REFUSED", b"1")]
+    assert dict(dead[0].headers)[r.H_ERROR].decode().endswith(_WHOLE_RECORD)
+    running.task.result()
+
+
+async def test_a_header_with_a_null_value_counts_as_absent(gateway, storage_url):
+    """Kafka allows a header without a value (None in aiokafka): decoding one stopped the
+    worker (None has no decode), its replacement too, at the same record for ever. It counts
+    as absent; a dead letter keeps the source record's headers as they were."""
+    body = b'[{"region": "North", "revenue": 1}, {"region": "South", "revenue": "lots"}]'
+    await produce(gateway.bootstrap, gateway.topic, body,
+                  [(r.H_REQUEST_ID, None), (r.H_CONNECTOR, b"pos"), ("trace", None)])
+    async with Running(gateway, storage_url) as running:
+        await wait_for(lambda: _equals(count(storage_url), 1), timeout=30)
+        await wait_for(lambda: _positive(running.worker.batches))
+    assert await rows(storage_url, "SELECT region, _request_id, _connector FROM sales") == [
+        ("North", None, "pos")]
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(gateway.topic))
+    assert [(d.value, list(d.headers[:3])) for d in dead] == [
+        (b'{"region":"South","revenue":"lots"}',
+         [(r.H_REQUEST_ID, None), (r.H_CONNECTOR, b"pos"), ("trace", None)])]
     running.task.result()
 
 

@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from schemas.catalogue import CatalogueError, load_catalogue
-from schemas.columns import accepts_null, store_bounded
+from schemas.columns import accepts_null, nul_path, store_bounded
 from schemas.dataset import DatasetError, Limits, parse_dataset
 from schemas.keys import hash_key, new_key
 from schemas.validation import validate
@@ -178,6 +178,18 @@ def test_items_holding_nul_are_invalid_wherever_it_is():
     text = [{"n": 1, "id": "a\\u0000"}]
     body = orjson.dumps(text)
     assert b"\\u0000" in body and validate(dataset, text, cap=5, body=body).invalid == 0
+
+
+def test_nul_is_found_however_deep_it_is():
+    """orjson reads JSON nested up to 1024 levels: the search for NUL recursed once per level
+    and raised RecursionError from about 1000 (a worker stopped at such a record, and its
+    replacement, every time). It keeps a stack of its own."""
+    deep = orjson.loads(b'{"a": ' + b"[" * 1020 + b'{"k\\u0000": 1}' + b"]" * 1020 + b"}")
+    assert nul_path(deep) == "$.a" + "[0]" * 1020
+    assert nul_path(orjson.loads(b"[" * 1024 + b"]" * 1024)) is None
+    # the first in document order, an object with a NUL key at the object's path
+    assert nul_path({"a": "x", "b": {"c": ["ok", "\x00"], "d\x00": 1}}) == "$.b.c[1]"
+    assert nul_path({"a": {"k\x00": "\x00"}, "b": "\x00"}) == "$.a"
 
 
 DRAFT4 = "http://json-schema.org/draft-04/schema#"

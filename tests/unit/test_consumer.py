@@ -211,6 +211,17 @@ def test_headers_any_client_writes_never_stop_a_worker(received, part, expected_
     assert origin.part == expected_part
 
 
+def test_a_header_with_a_null_value_counts_as_absent():
+    """Kafka allows a header without a value (None in aiokafka); decoding it stopped the
+    worker at that record, every time it was read."""
+    record = ConsumerRecord("ingest.a", 0, 7, 1_700_000_000_000, 0, None, b"{}", None, 0, 0,
+                            [(r.H_CONNECTOR, b"pos"), (r.H_REQUEST_ID, None),
+                             (r.H_RECEIVED_AT, None), ("trace", None)])
+    origin = origin_of(record)
+    assert (origin.connector, origin.request_id) == ("pos", None)
+    assert origin.received_at.timestamp() == 1_700_000_000  # the record's time
+
+
 async def test_rows_the_store_refuses_are_dead_lettered_before_the_rest_is_written():
     """Once the rest of a batch is written, a redelivery skips its records behind the offset
     fences and would never meet the refused rows again: their letters go out first."""

@@ -139,9 +139,11 @@ def timestamptz_from_pg(value: tuple[int]) -> datetime:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # binary jsonb is a version byte (1) and the JSON text; COPY needs the binary form
+    # binary jsonb is a version byte (1) and the JSON text; COPY needs the binary form. A json
+    # column's value comes as its JSON text already (schemas.structure.to_json), as SQLite
+    # keeps it; read back, it is the JSON value.
     await conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
-                              encoder=lambda v: b"\x01" + orjson.dumps(v),
+                              encoder=lambda text: b"\x01" + text.encode(),
                               decoder=lambda b: orjson.loads(b[1:]))
     await conn.set_type_codec("timestamptz", schema="pg_catalog", format="tuple",
                               encoder=timestamptz_to_pg, decoder=timestamptz_from_pg)

@@ -12,10 +12,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
-
-import orjson
 
 from schemas.structure import Structure
 from workers.rows import Row, runs, table_columns, table_rows
@@ -66,18 +63,12 @@ def timestamp_text(value: datetime) -> str:
         value.microsecond)
 
 
-def _json_text(value: Any) -> str:
-    return orjson.dumps(value).decode()
-
-
 def _register_adapters() -> None:
     """How our values are bound, done by sqlite3 itself while binding (no per-row Python
-    pass): times as fixed-width UTC text, dates as ISO text, JSON values as JSON text.
-    (bool binds as 0/1 natively.)"""
+    pass): times as fixed-width UTC text, dates as ISO text. (bool binds as 0/1 natively;
+    a json column's value comes as its JSON text already, schemas.structure.to_json.)"""
     sqlite3.register_adapter(datetime, timestamp_text)
     sqlite3.register_adapter(date, date.isoformat)
-    sqlite3.register_adapter(dict, _json_text)
-    sqlite3.register_adapter(list, _json_text)
 
 
 def path_of(url: str) -> Path:
