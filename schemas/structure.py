@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-import orjson
-
+from schemas import jsontext
 from schemas.columns import EXTRA_COLUMN, INT64_MAX, INT64_MIN, accepts_null, column_fields
 from schemas.dataset import Dataset
 
@@ -328,32 +327,15 @@ def to_date(value: Any) -> date:
 def to_json(value: Any) -> str:
     """A json column's value as its JSON text, which both stores keep as it is (SQLite as
     text, PostgreSQL as jsonb): a string, number or boolean keeps its JSON type (``"1"``,
-    ``1`` and ``true`` stay apart) and an integer up to 2**64 - 1 its digits.
-
-    orjson reads up to 1024 levels of nesting but writes at most 254: a deeper value is
-    refused here, on either store (it would fail its batch's write for ever)."""
-    try:
-        return orjson.dumps(value).decode()
-    except orjson.JSONEncodeError as exc:
-        why = str(exc)
-        if why == "Recursion limit reached":
-            why = "nested too deeply (over 254 levels)"
-        raise ValueError(f"cannot be written as JSON: {why}") from None
+    ``1`` and ``true`` stay apart) and an integer up to 2**64 - 1 its digits. Any depth
+    orjson reads (1,024 levels) is written back (``schemas.jsontext``)."""
+    return jsontext.dumps(value).decode()
 
 
 def unknown_json(item: dict, known: frozenset[str]) -> str:
     """The item's fields its schema does not name, as the JSON text of one object (the
-    ``_extra`` column); ShapeError naming the first field that cannot be written."""
-    extra = {k: v for k, v in item.items() if k not in known}
-    try:
-        return orjson.dumps(extra).decode()
-    except orjson.JSONEncodeError:
-        for name, value in extra.items():
-            try:
-                to_json([value])  # one level more, as in the object
-            except ValueError as exc:
-                raise ShapeError(_dotted((name,)), str(exc)) from None
-        raise ShapeError("$", "the unknown fields cannot be written as JSON") from None
+    ``_extra`` column)."""
+    return jsontext.dumps({k: v for k, v in item.items() if k not in known}).decode()
 
 
 _KEY_NUMBERS = (INT64_MIN, 2**64 - 1)  # the integers orjson reads as int

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from schemas import jsontext
 from schemas import records as r
 from schemas.columns import INT64_MAX, NUL_MESSAGE, may_hold_nul, nul_path
 from schemas.structure import ShapeError, Structure
@@ -97,18 +98,8 @@ def decode(record: Any, structure: Structure, out: Decoded) -> tuple[Origin, int
     return base, len(events)
 
 
-# orjson reads up to 1024 levels of nesting but writes at most 254
-_NOT_WRITABLE = ("; the value is the whole source record: the event is nested too deeply "
-                 "(over 254 levels) to be written as JSON again")
-
-
 def letter(record: Any, event: Any, code: str, error: str, index: int,
            origin: Origin) -> DeadLetter:
-    """The dead letter of one event of ``record``: the event as JSON, or, when it cannot be
-    written again, the record's own value (its index says which event), and the error says so.
-    """
-    try:
-        value = orjson.dumps(event)
-    except orjson.JSONEncodeError:
-        value, error = record.value, error + _NOT_WRITABLE
-    return DeadLetter(record, value, code, error, index, origin)
+    """The dead letter of one event of ``record``: the event as JSON, at any depth orjson
+    read it (``schemas.jsontext``; orjson itself writes only 254 levels)."""
+    return DeadLetter(record, jsontext.dumps(event), code, error, index, origin)
