@@ -22,7 +22,7 @@ from schemas.catalogue import (
     read_definition,
 )
 from schemas.dataset import Limits
-from schemas.keys import IngestKey, hash_key, new_key
+from schemas.keys import IngestKey, hash_key, key_id_problem, new_key
 from schemas.metrics_export import prepare_multiprocess
 from schemas.records import dlq_topic
 
@@ -55,6 +55,9 @@ class Refused(Exception):
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     key_id = args.id or (args.dataset.replace("_", "-") + "-key" if args.dataset else "admin")
+    problem = key_id_problem(key_id)
+    if problem:
+        raise Refused(f"{problem}; nothing written")
     if args.admin:
         key = new_key(key_id)
         print(f"admin key (shown once, store it now): {key}", file=sys.stderr)

@@ -25,7 +25,7 @@ from schemas.envconfig import (
     redis_url,
     table,
 )
-from schemas.keys import KEY_ID_RE, SHA256_RE, IngestKey
+from schemas.keys import SHA256_RE, IngestKey, key_id_problem
 
 
 def _admin_keys(raw: str) -> tuple[IngestKey, ...]:
@@ -35,8 +35,9 @@ def _admin_keys(raw: str) -> tuple[IngestKey, ...]:
         digest = digest.lower()
         if not sep or not SHA256_RE.match(digest):
             raise ValueError("must be a comma-separated list of <key id>:<sha256 hex>")
-        if not KEY_ID_RE.match(key_id):  # no presented key could ever carry this id
-            raise ValueError(f"key id {key_id!r} must match {KEY_ID_RE.pattern}")
+        problem = key_id_problem(key_id)  # e.g. no presented key could ever carry this id
+        if problem:
+            raise ValueError(problem)
         keys.append(IngestKey(key_id, digest))
     return tuple(keys)
 

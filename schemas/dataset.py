@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema_rs
 
 from schemas.columns import check_column_names, properties, store_bounded
-from schemas.keys import KEY_ID_RE, SHA256_RE, IngestKey
+from schemas.keys import SHA256_RE, IngestKey, key_id_problem
 
 DATASET_ID_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _ITEM_ID = "urn:sluice:dataset-item"
@@ -208,8 +208,9 @@ def _ingest_keys(raw: Any) -> tuple[IngestKey, ...]:
     for i, entry in enumerate(raw):
         key_id = entry.get("id") if isinstance(entry, dict) else None
         digest = entry.get("sha256") if isinstance(entry, dict) else None
-        if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
-            raise DatasetError(f"ingest_keys[{i}].id: {key_id!r} must match {KEY_ID_RE.pattern}")
+        problem = key_id_problem(key_id)
+        if problem:
+            raise DatasetError(f"ingest_keys[{i}].id: {problem}")
         if not isinstance(digest, str) or not SHA256_RE.match(digest):
             raise DatasetError(f"ingest_keys[{i}].sha256: must be 64 lowercase hex digits")
         keys.append(IngestKey(key_id, digest))

@@ -12,6 +12,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from schemas.records import KAFKA_CONNECTOR
+
 KEY_PREFIX = "sk_"
 KEY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")  # a stored key: its SHA-256, lowercase hex
@@ -32,10 +34,23 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def key_id_problem(key_id: object) -> str | None:
+    """Why ``key_id`` cannot name an ingest key, or None. ``kafka`` names the records written
+    straight to Kafka without a connector header: a key of that name would share their
+    request log and statistics."""
+    if not isinstance(key_id, str) or not KEY_ID_RE.match(key_id):
+        return f"key id {key_id!r} must match {KEY_ID_RE.pattern}"
+    if key_id == KAFKA_CONNECTOR:
+        return (f"key id {key_id!r} is reserved for records written straight to Kafka "
+                "without a connector header")
+    return None
+
+
 def new_key(key_id: str) -> str:
     """Return a fresh key for ``key_id``; shown once, never stored in plain text."""
-    if not KEY_ID_RE.match(key_id):
-        raise ValueError(f"key id {key_id!r} must match {KEY_ID_RE.pattern}")
+    problem = key_id_problem(key_id)
+    if problem:
+        raise ValueError(problem)
     return f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(_SECRET_BYTES)}"
 
 

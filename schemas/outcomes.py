@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from schemas.records import KAFKA_CONNECTOR  # noqa: F401 (the connector of a record without one)
 from schemas.redis_keys import PREFIX, session_tag
 
 # Statistics fields (hash per dataset and per dataset+connector).
@@ -29,7 +30,6 @@ LAST_EVENT_AT = "last_event_at"  # epoch ms of the latest
 COUNTERS = (REQUESTS, RECEIVED, ACCEPTED, REJECTED, REPLAYED, RATE_LIMITED, BYTES, WRITTEN,
             DUPLICATES, FAILED)
 
-KAFKA_CONNECTOR = "kafka"
 LOG_MAX_ENTRIES = 10_000  # per connector; older entries are trimmed
 LOG_MAX_AGE_S = 7 * 86_400
 MAX_LOGGED_ERRORS = 20  # per request

@@ -43,6 +43,8 @@ def test_defaults_and_identifying_fields_become_required():
     ({"id": "d", "schema": SCHEMA, "max_request_bytes": 0}, "max_request_bytes"),
     ({"id": "d", "schema": SCHEMA, "rate_limit": {"requests_per_second": -1}}, "rate_limit"),
     ({"id": "d", "schema": SCHEMA, "ingest_keys": [{"id": "k", "sha256": "abc"}]}, "sha256"),
+    ({"id": "d", "schema": SCHEMA, "ingest_keys": [{"id": "kafka", "sha256": "ab" * 32}]},
+     r"ingest_keys\[0\]\.id: key id 'kafka' is reserved"),
     ({"id": "d", "schema": SCHEMA, "surprise": 1}, "unknown field"),
     ({"id": "d", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}, "schema"),
 ])

@@ -77,6 +77,8 @@ def test_without_write_the_existing_keys_line_is_printed_and_nothing_created(cat
      "may write dataset 'sales' already"),
     (("--dataset", "journal", "--id", "ops", "--write"), "is an admin key"),
     (("--dataset", "nope", "--id", "other", "--write"), "no dataset 'nope'"),
+    (("--dataset", "sales", "--id", "kafka", "--write"), "reserved for records written"),
+    (("--dataset", "sales", "--id", "Bad_1"), "must match"),
 ])
 def test_what_would_break_the_catalogue_is_refused_and_nothing_written(
         catalogue, capsys, monkeypatch, args, reason):

@@ -91,7 +91,7 @@ def test_admin_keys_are_checked_like_dataset_keys():
     digest = "ab" * 32
     keys = Settings.from_env({"SLUICE_ADMIN_KEYS": f"ops:{digest.upper()}"}).admin_keys
     assert [(k.key_id, k.sha256) for k in keys] == [("ops", digest)]
-    for bad in (f"Ops_1:{digest}", f"ops:{'zz' * 32}", "ops:abc", digest):
+    for bad in (f"Ops_1:{digest}", f"ops:{'zz' * 32}", "ops:abc", digest, f"kafka:{digest}"):
         with pytest.raises(ConfigError, match="SLUICE_ADMIN_KEYS"):
             Settings.from_env({"SLUICE_ADMIN_KEYS": bad})
 
