@@ -131,12 +131,13 @@ return {seen, page}
 async def _page_ids(redis: Redis, connector: str, principal: Principal, start: int,
                     size: int) -> tuple[int, list[str]]:
     """How many entries of the connector's log ``principal`` may see, and the request ids of
-    one page of them, newest first. An admin key sees every entry; any other key only those
-    of the datasets it may write (a connector's log holds every dataset it sent to), and
-    ``from``, ``size`` and the total count those, so a page is never short and never skips
-    an entry for the ones left out."""
+    one page of them, newest first. An admin key sees every entry, and so does the connector
+    itself (each is a request it sent; its own log needs no filter, the usual read); any
+    other key only those of the datasets it may write (a connector's log holds every
+    dataset it sent to), and ``from``, ``size`` and the total count those, so a page is never
+    short and never skips an entry for the ones left out."""
     log_key = o.connector_log_key(connector)
-    if principal.admin:
+    if principal.admin or principal.key_id == connector:
         total = await redis.zcard(log_key)
         ids = await redis.zrevrange(log_key, start, start + size - 1)
         return total, [rid.decode() for rid in ids]
