@@ -143,6 +143,16 @@ class RequestTimeout(ApiError):
     closes = True
 
 
+class ClientClosedRequest(ApiError):
+    """The client went away before its body arrived: no one reads this answer, but the
+    request log and the metrics count it as the client's doing (nginx's 499), not ours."""
+
+    status = 499
+    code = "CLIENT_CLOSED_REQUEST"
+    title = "The client closed the connection before its request body arrived"
+    closes = True
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     code = "PAYLOAD_TOO_LARGE"

@@ -7,12 +7,15 @@ import zlib
 from typing import Any, Protocol
 
 import orjson
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import (
+    ClientClosedRequest,
     DecompressedTooLarge,
     EmptyPayload,
     InvalidPayload,
     MalformedJson,
+    MalformedRequest,
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedEncoding,
@@ -60,15 +63,22 @@ def check_declared_length(content_length: int | None, limit: int) -> None:
 async def read_limited(stream: Stream, limit: int, timeout_s: float) -> bytes:
     """Read the whole body, stopping with 413 as soon as it passes ``limit`` bytes, and with
     408 when it has not all arrived ``timeout_s`` seconds after its headers did (a stalled
-    or vanished client would otherwise hold the request, and its buffer, for good)."""
-    if stream.is_eof():  # all of it has arrived already (most requests): nothing to wait for
-        return await _read(stream, limit)
+    or vanished client would otherwise hold the request, and its buffer, for good); 499 when
+    the client closed the connection first, 400 when the body's framing breaks."""
     try:
+        if stream.is_eof():  # all of it has arrived already (most requests): nothing to wait
+            return await _read(stream, limit)
         async with asyncio.timeout(timeout_s):
             return await _read(stream, limit)
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s "
                              "of its headers") from None
+    except ConnectionResetError:  # aiohttp's "Connection lost"; else a 500 and its traceback
+        raise ClientClosedRequest("the connection closed before the whole body arrived, "
+                                  "nothing was accepted") from None
+    except RequestPayloadError:  # its message may quote the body: not repeated
+        raise MalformedRequest("the body's framing (chunked encoding or length) is broken, "
+                               "nothing was accepted") from None
 
 
 async def _read(stream: Stream, limit: int) -> bytes:

@@ -29,10 +29,12 @@ SALES_SCHEMA = {
 
 
 class EdgeTestServer(TestServer):
-    """aiohttp's test server with the production runner (gateway.protocol)."""
+    """aiohttp's test server with the production runner (gateway.protocol), and as in
+    production without handler cancellation (aiohttp's test server turns it on: a client
+    that disconnects would cancel its handler, which `sluice serve` lets finish)."""
 
     async def _make_runner(self, **kwargs):
-        return EdgeRunner(self.app, **kwargs)
+        return EdgeRunner(self.app, **{**kwargs, "handler_cancellation": False})
 
 
 @dataclass

@@ -215,3 +215,25 @@ async def test_a_key_whose_bytes_are_not_utf8_is_401_and_publishes_nothing(gatew
     assert_problem(status, headers, body, 401, "UNAUTHORIZED")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert await gateway.published() == []
+
+
+async def test_a_client_that_leaves_mid_body_is_a_499_not_a_500(gateway, caplog):
+    """aiohttp ends the body with "Connection lost": that is the client's doing, counted as
+    499 (never read), not a 500 with a traceback that feeds the 5xx alert."""
+    caplog.set_level(logging.DEBUG)
+    counted = metrics.HTTP_REQUESTS.labels("sales", "/v1/datasets/{dataset}/events", "499")
+    before = counted._value.get()
+    _, writer = await asyncio.open_connection("127.0.0.1", gateway.client.port)
+    writer.write(PUSH + b"Authorization: Bearer " + gateway.key.encode()
+                 + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                 + BODY[:5])
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the route is reading the body
+    writer.close()
+    for _ in range(100):
+        if counted._value.get() > before:
+            break
+        await asyncio.sleep(0.05)
+    assert counted._value.get() == before + 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert await gateway.published() == []

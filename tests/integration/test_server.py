@@ -16,7 +16,7 @@ import pytest
 
 from schemas.keys import KEY_PREFIX, new_key
 from tests.integration.conftest import write_catalogue
-from tests.integration.test_protocol import assert_problem, exchange
+from tests.integration.test_protocol import assert_problem, chunked_push, exchange
 from tests.integration.test_push import ITEMS, events
 from tests.services import consume_all, create_topics, free_port
 
@@ -215,3 +215,22 @@ async def test_logs_are_json_lines_with_the_request_id(tmp_path, kafka, redis_ur
     leaked = [line for line in output.splitlines()
               if any(text in line for text in (key, wrong, secret))]
     assert not leaked, leaked
+
+
+async def test_pure_python_parser_broken_framing_mid_body_is_400_not_500(tmp_path, kafka,
+                                                                         redis_url):
+    """Where aiohttp runs its pure-Python parser (AIOHTTP_NO_EXTENSIONS, or no wheel for the
+    platform), chunked framing that breaks after the route began reading reaches the body
+    stream as RequestPayloadError: 400 MALFORMED_REQUEST, not a 500 and its traceback."""
+    proc, base, key, topic = await start_gateway(tmp_path, kafka.bootstrap, redis_url, 1,
+                                                 AIOHTTP_NO_EXTENSIONS="1")
+    try:
+        head, chunk = chunked_push(key)
+        status, headers, answer = await exchange(int(base.rsplit(":", 1)[1]), head, chunk,
+                                                 pause=0.2)
+        assert_problem(status, headers, answer, 400, "MALFORMED_REQUEST")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert "unhandled error" not in proc.stdout.read().decode()
+    assert await consume_all(kafka.bootstrap, topic) == []
