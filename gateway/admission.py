@@ -57,33 +57,43 @@ end
 local taken = false
 local out = {}
 for i = 1, (#ARGV - 3) / 3 do
-  local remaining = -1
-  local reset_ms = 0
-  local limited = false
-  if rate > 0 then
-    if tokens < 1 then
-      out[i] = {0, 0, math.ceil((1 - tokens) * 1000 / rate)}
-      limited = true
-    else
-      tokens = tokens - 1
-      taken = true
-      remaining = math.floor(tokens)
-      reset_ms = math.ceil((burst - tokens) * 1000 / rate)
-    end
+  local k = tonumber(ARGV[3 * i + 1])
+  local key, cur = nil, nil
+  if k ~= 0 then
+    key = KEYS[k]
+    cur = redis.call('HMGET', key, 'fp', 'state', 'resp', 'owner')
   end
-  if not limited then
-    local k = tonumber(ARGV[3 * i + 1])
-    if k == 0 then
-      out[i] = {1, remaining, reset_ms}
+  if cur and cur[2] == 'pending' and cur[4] == ARGV[3 * i + 3] then
+    -- our own claim: this call was retried after it had run (schemas.redis_client), and
+    -- that run took its token: asked first, or the retry could be limited and leave the
+    -- claim pending for the lock's TTL
+    if rate > 0 then
+      out[i] = {1, math.floor(tokens), math.ceil((burst - tokens) * 1000 / rate)}
     else
-      local key = KEYS[k]
-      local cur = redis.call('HMGET', key, 'fp', 'state', 'resp', 'owner')
-      if not cur[1] then
-        redis.call('HSET', key, 'fp', ARGV[3 * i + 2], 'state', 'pending', 'owner', ARGV[3 * i + 3])
-        redis.call('PEXPIRE', key, ARGV[3])
+      out[i] = {1, -1, 0}
+    end
+  else
+    local remaining = -1
+    local reset_ms = 0
+    local limited = false
+    if rate > 0 then
+      if tokens < 1 then
+        out[i] = {0, 0, math.ceil((1 - tokens) * 1000 / rate)}
+        limited = true
+      else
+        tokens = tokens - 1
+        taken = true
+        remaining = math.floor(tokens)
+        reset_ms = math.ceil((burst - tokens) * 1000 / rate)
+      end
+    end
+    if not limited then
+      if k == 0 then
         out[i] = {1, remaining, reset_ms}
-      elseif cur[2] == 'pending' and cur[4] == ARGV[3 * i + 3] then
-        -- our own claim: this call was retried after it had run (schemas.redis_client)
+      elseif not cur[1] then
+        redis.call('HSET', key, 'fp', ARGV[3 * i + 2], 'state', 'pending', 'owner',
+                   ARGV[3 * i + 3])
+        redis.call('PEXPIRE', key, ARGV[3])
         out[i] = {1, remaining, reset_ms}
       elseif cur[1] ~= ARGV[3 * i + 2] then
         out[i] = {3, remaining, reset_ms}

@@ -261,6 +261,21 @@ async def test_an_admission_run_twice_for_one_request_admits_it_again(redis):
         Verdict.PROCEED, Verdict.PROCEED, Verdict.IN_FLIGHT)
 
 
+async def test_an_admission_run_twice_is_not_rate_limited_by_its_own_first_run(redis):
+    """The first run took the bucket's last token; the rerun of that call must still admit its
+    own claim, or the client gets 429 and then 409 for the lock's TTL."""
+    await redis.flushdb()
+    admitter = Admitter(ScriptBatcher(redis), lock_ttl_s=30, retention_s=60)
+    bucket = redis_keys.rate_bucket_key("ds", "k1")
+    idem = redis_keys.idempotency_key("ds", "k1", "last-token")
+    rate = RateLimit(0.01, 1)  # one token, none back for 100 s
+    first = await admitter.admit(bucket, rate, idem, "fp", "req-1")
+    again = await admitter.admit(bucket, rate, idem, "fp", "req-1")
+    other = await admitter.admit(bucket, rate, None, "", "req-2")
+    assert (first.verdict, again.verdict, other.verdict) == (
+        Verdict.PROCEED, Verdict.PROCEED, Verdict.RATE_LIMITED)
+
+
 def test_hash_tags():
     assert redis_keys.hash_tag(redis_keys.idempotency_key("ds", "k", "t")) == "{ds/k}"
     assert redis_keys.hash_tag(redis_keys.rate_bucket_key("ds", "k")) == "{ds/k}"
