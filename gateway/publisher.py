@@ -8,6 +8,7 @@ raises BrokerUnavailable (503) otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -58,10 +59,17 @@ class Publisher:
     async def _try_connect(self) -> bool:
         producer = self._new_producer()
         try:
-            await producer.start()
-        except KafkaError as exc:
-            log.warning("Kafka at %s not reachable yet: %s", self._settings.kafka_bootstrap, exc)
-            await producer.stop()
+            # bounded: with idempotence on, aiokafka asks a broker for a producer id for as
+            # long as none answers (bootstrap answered, but the brokers it advertises cannot
+            # be reached), and the gateway would neither listen nor stop on SIGTERM
+            async with asyncio.timeout(self._timeout):
+                await producer.start()
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("Kafka at %s not reachable yet: %s", self._settings.kafka_bootstrap,
+                        exc or f"no broker answered within {self._timeout:g} s")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._timeout):
+                    await producer.stop()
             return False
         self._producer = producer
         return True

@@ -7,6 +7,7 @@ ones and add the error and the source coordinates, so the event can be fixed and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
@@ -14,15 +15,35 @@ from aiokafka.errors import MessageSizeTooLargeError
 from schemas import records as r
 from workers.decode import DeadLetter
 
+# With idempotence on, aiokafka asks for a producer id for as long as no broker answers
+# (bootstrap answered, but the brokers it advertises cannot be reached): a start that never
+# ended, which the worker's stop could not interrupt. Bounded, it fails and is retried.
+START_TIMEOUT_S = 10.0
+
 
 class DeadLetters:
     def __init__(self, bootstrap: str, idempotence: bool):
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                          enable_idempotence=idempotence,
-                                          client_id="sluice-worker-dlq")
+        self._bootstrap = bootstrap
+        self._idempotence = idempotence
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all",
+                                enable_idempotence=self._idempotence,
+                                client_id="sluice-worker-dlq")
 
     async def start(self) -> None:
-        await self._producer.start()
+        """Connect, within START_TIMEOUT_S (TimeoutError: the caller retries, with a new
+        producer: a failed one does not start again)."""
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await self._producer.start()
+        except BaseException:
+            failed, self._producer = self._producer, self._new_producer()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(START_TIMEOUT_S):
+                    await failed.stop()
+            raise
 
     async def stop(self) -> None:
         await self._producer.stop()

@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from schemas.redis_keys import idempotency_key
 from tests.integration.test_push import ITEMS, assert_problem, events
-from tests.services import create_topics
+from tests.services import TansuBroker, create_topics, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +119,36 @@ async def test_gateway_starts_while_kafka_is_down_and_connects_later(make_gatewa
         await asyncio.sleep(0.25)
     assert (await gw.post(orjson.dumps(ITEMS))).status == 202
     assert events(await gw.published()) == ITEMS
+
+
+class MisadvertisedBroker(TansuBroker):
+    """Tansu advertising a port nobody listens on: bootstrap answers, its broker never does
+    (a wrong advertised listener, a network policy)."""
+
+    def command(self) -> list[str]:
+        command = super().command()
+        command[command.index("--advertised-listener-url") + 1] = (
+            f"tcp://127.0.0.1:{free_port()}")
+        return command
+
+    def healthy(self) -> bool:
+        return True  # listening and its banner printed; metadata leads nowhere on purpose
+
+
+async def test_a_broker_unreachable_past_bootstrap_leaves_the_gateway_up_and_not_ready(
+        make_gateway):
+    """With idempotence on (real Kafka's default), aiokafka asked for a producer id for as
+    long as no broker answered: the gateway's start-up never ended (no listener, SIGTERM
+    ignored). It now starts, not ready, answers 503, and keeps trying in the background."""
+    broker = MisadvertisedBroker()
+    broker.start()
+    try:
+        gw = await asyncio.wait_for(make_gateway(
+            bootstrap=broker.bootstrap, create=False, KAFKA_ENABLE_IDEMPOTENCE="true",
+            KAFKA_PUBLISH_TIMEOUT_S="2"), 30)
+        assert (await gw.client.get("/readyz")).status == 503
+        resp = await gw.post(orjson.dumps(ITEMS), **{"Idempotency-Key": "unreachable"})
+        await assert_problem(resp, 503, "BROKER_UNAVAILABLE")
+        assert int(resp.headers["Retry-After"]) >= 1
+    finally:
+        broker.close()

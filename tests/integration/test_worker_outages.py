@@ -12,9 +12,11 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
+from tests.integration.test_faults import MisadvertisedBroker
 from tests.integration.test_push import events
 from tests.integration.test_workers import Running, count, wait_for
 from tests.services import create_topics, free_port
+from workers import dlq
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +152,27 @@ async def test_a_worker_started_while_the_broker_is_down_consumes_once_it_is_up(
 async def _accepted(gateway) -> bool:
     resp = await gateway.post(_batch("broker"), **{"Idempotency-Key": "broker-up"})
     return resp.status == 202
+
+
+async def test_a_broker_unreachable_past_bootstrap_does_not_hang_the_workers_start(
+        gateway, storage_url, monkeypatch):
+    """With idempotence on, the dead-letter producer's start asked for a producer id for as
+    long as no broker answered, and the worker's stop could not end it. Bounded, it fails,
+    is retried (counted), and stop ends the worker."""
+    monkeypatch.setattr(dlq, "START_TIMEOUT_S", 0.5, raising=False)
+    broker = MisadvertisedBroker()
+    broker.start()
+    retries = REGISTRY.get_sample_value
+    before = retries("sluice_worker_batch_retries_total", {"reason": "TimeoutError"}) or 0
+    try:
+        running = Running(gateway, storage_url, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
+                          KAFKA_ENABLE_IDEMPOTENCE="true")
+        async with running:
+            await wait_for(lambda: _above(retries, before), timeout=20)
+        assert running.task.done() and running.task.exception() is None
+    finally:
+        broker.close()
+
+
+async def _above(retries, before: float) -> bool:
+    return (retries("sluice_worker_batch_retries_total", {"reason": "TimeoutError"}) or 0) > before
