@@ -12,7 +12,8 @@ from aiohttp import web
 
 from gateway.accounting import Accountant
 from gateway.admission import Admitter
-from gateway.config import Settings
+from gateway.budget import BodyBudget
+from gateway.config import Settings, check_body_budget
 from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound
 from gateway.ingest import Ingestor
 from gateway.protocol import problem
@@ -100,6 +101,7 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
     """Build the application; the catalogue is loaded (and checked) here unless given."""
     if catalogue is None:
         catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
+    check_body_budget(settings, catalogue)
     app = web.Application(middlewares=[edge],
                           client_max_size=catalogue.max_request_bytes)
     app[ACCESS_LOG] = settings.access_log
@@ -110,7 +112,8 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
         await publisher.start()
         scripts = ScriptBatcher(redis)
         admitter = Admitter(scripts, settings.idempotency_lock_ttl_s, settings.idempotency_ttl_s)
-        ingestor = Ingestor(admitter, publisher, settings.max_reported_errors)
+        ingestor = Ingestor(admitter, publisher, settings.max_reported_errors,
+                            BodyBudget(settings.max_inflight_body_bytes))
         accountant = Accountant(redis, log_max_entries=settings.log_max_entries,
                                 log_max_age_s=settings.log_max_age_s)
         accountant.start()

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import yaml
 
-from gateway.config import ConfigError, Settings, markdown_table
+from gateway.config import ConfigError, Settings, check_body_budget, markdown_table
 from schemas import logs
 from schemas.catalogue import (
     Catalogue,
@@ -44,7 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve  # uvloop, aiohttp and the metrics only when serving
 
     logs.configure(settings.log_level, settings.log_format)
-    load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)  # fail fast
+    catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
+    check_body_budget(settings, catalogue)  # fail fast, before the processes start
     return serve(settings)
 
 

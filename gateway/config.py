@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from schemas.catalogue import Catalogue
 from schemas.dataset import Limits
 from schemas.envconfig import (
     ConfigError,
@@ -76,6 +77,8 @@ VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                                  "default request body limit (datasets may override)"),
     "SLUICE_MAX_DECOMPRESSED_BYTES": ("max_decompressed_bytes", "8388608", int_range(1),
                                       "default limit on a gzip body once inflated"),
+    "SLUICE_MAX_INFLIGHT_BODY_BYTES": ("max_inflight_body_bytes", "16777216", int_range(1),
+                                       "per process: request-body bytes (gzip ones inflated) being processed at once; a body that finds no room within 1 s gets 503 SERVER_BUSY. At least every dataset's max_request_bytes and max_decompressed_bytes; memory sizing in Operations"),
     "SLUICE_RATE_LIMIT_RPS": ("rate_limit_rps", "0", float_min(0),
                               "default requests/s per ingest key and dataset (0: unlimited)"),
     "SLUICE_RATE_LIMIT_BURST": ("rate_limit_burst", "0", int_range(0),
@@ -128,6 +131,7 @@ class Settings:
     body_timeout_s: float
     max_request_bytes: int
     max_decompressed_bytes: int
+    max_inflight_body_bytes: int
     rate_limit_rps: float
     rate_limit_burst: int
     max_reported_errors: int
@@ -175,6 +179,20 @@ class Settings:
             requests_per_second=self.rate_limit_rps,
             burst=self.rate_limit_burst or max(1, int(self.rate_limit_rps)),
         )
+
+
+def check_body_budget(settings: Settings, catalogue: Catalogue) -> None:
+    """The budget of body bytes in processing must admit the largest body a dataset allows,
+    or such a body could only ever be admitted alone (the budget counts it as all of itself):
+    refused at start-up rather than found out under load."""
+    largest = max(((max(d.max_request_bytes, d.max_decompressed_bytes), d.id)
+                   for d in catalogue), default=None)
+    if largest is not None and largest[0] > settings.max_inflight_body_bytes:
+        raise ConfigError(
+            f"SLUICE_MAX_INFLIGHT_BODY_BYTES ({settings.max_inflight_body_bytes}) must be at "
+            f"least the largest body a dataset allows: {largest[0]} bytes (dataset "
+            f"{largest[1]!r}'s max_request_bytes or max_decompressed_bytes); raise it, and the "
+            "gateway's memory limit with it (README, Operations), or lower the dataset's limit")
 
 
 def markdown_table() -> str:

@@ -227,6 +227,15 @@ class RedisUnavailable(ApiError):
     title = "Idempotency and rate-limit state is unreachable; retry later"
 
 
+class ServerBusy(ApiError):
+    """The process's budget of request bodies in processing (SLUICE_MAX_INFLIGHT_BODY_BYTES)
+    had no room for this one within a second: refused before admission, nothing published."""
+
+    status = 503
+    code = "SERVER_BUSY"
+    title = "The gateway is processing too many large request bodies; retry later"
+
+
 class InternalError(ApiError):
     status = 500
     code = "INTERNAL_ERROR"

@@ -6,10 +6,20 @@ import asyncio
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from schemas.redis_keys import idempotency_key
-from tests.integration.test_push import ITEMS, assert_problem, events
+from tests.integration.test_push import (
+    BUDGET,
+    BUDGET_ENV,
+    ITEMS,
+    assert_problem,
+    body_budget,
+    events,
+    gzipped,
+    sales_items,
+)
 from tests.services import TansuBroker, create_topics, free_port
 
 pytestmark = pytest.mark.integration
@@ -86,6 +96,50 @@ async def test_409_while_in_flight_then_exactly_one_publish(make_gateway, own_br
     replay = await gw.post(body, **{"Idempotency-Key": "slow"})
     assert replay.status == 202 and replay.headers["Idempotent-Replayed"] == "true"
     assert events(await gw.published()) == ITEMS[1:] + ITEMS[:1]
+
+
+def _busy_refusals() -> float:
+    return REGISTRY.get_sample_value("sluice_body_budget_waits_total",
+                                     {"dataset": "sales", "outcome": "refused"}) or 0.0
+
+
+async def test_503_server_busy_when_the_body_budget_is_full_then_the_retry_goes_through(
+        make_gateway, own_broker):
+    broker = own_broker()
+    gw = await make_gateway(bootstrap=broker.bootstrap, KAFKA_PUBLISH_TIMEOUT_S="8",
+                            **BUDGET_ENV)
+    assert (await gw.post(orjson.dumps(ITEMS))).status == 202  # connected and warm
+    budget = body_budget(gw)
+    first, second = sales_items(BUDGET * 2 // 3, "first"), sales_items(BUDGET // 2, "second")
+    refused_before = _busy_refusals()
+    broker.pause()  # the first request holds its body's bytes until Kafka answers
+    try:
+        sent = gzipped(first)
+        slow = asyncio.create_task(gw.post(sent.pop("body"), **sent, **{"Idempotency-Key": "a"}))
+        for _ in range(500):  # until the first request holds its share of the budget
+            if budget.in_use:
+                break
+            await asyncio.sleep(0.01)
+        assert budget.in_use == len(orjson.dumps(first)) and not slow.done()
+        sent = gzipped(second)
+        busy = await gw.post(sent.pop("body"), **sent, **{"Idempotency-Key": "b"})
+        doc = await assert_problem(busy, 503, "SERVER_BUSY")
+        assert busy.headers["Retry-After"] == "1"
+        assert "Nothing was accepted" in doc["detail"]
+        assert not slow.done() and budget.waiting == 0
+        redis = Redis.from_url(gw.redis_url)  # refused before admission: never claimed
+        assert await redis.exists(idempotency_key("sales", "pos", "b")) == 0
+        await redis.aclose()
+    finally:
+        broker.resume()
+    assert (await slow).status == 202
+    assert budget.in_use == 0
+    assert _busy_refusals() == refused_before + 1
+    sent = gzipped(second)
+    retry = await gw.post(sent.pop("body"), **sent, **{"Idempotency-Key": "b"})
+    assert retry.status == 202 and "Idempotent-Replayed" not in retry.headers
+    assert budget.in_use == 0
+    assert events(await gw.published()) == ITEMS + first + second  # the refused one: never
 
 
 async def test_503_when_redis_is_down(make_gateway, own_redis):

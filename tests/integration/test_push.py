@@ -8,6 +8,7 @@ import gzip
 import orjson
 import pytest
 
+from gateway.state import STATE
 from schemas import jsontext
 from schemas.records import decode_value
 
@@ -445,3 +446,59 @@ async def test_keys_never_appear_in_logs_or_answers(gateway, caplog):
     secrets = (gateway.key, wrong, secret, wrong.removeprefix("sk_").partition("_")[2])
     for text in (caplog.text, *answers):
         assert not [s for s in secrets if s in text]
+
+
+# A gateway whose body budget is the sales dataset's largest body (256 KiB inflated), with
+# the defaults the other dataset takes lowered to fit under it.
+BUDGET = 256 * 1024
+BUDGET_ENV = {"SLUICE_MAX_INFLIGHT_BODY_BYTES": str(BUDGET),
+              "SLUICE_MAX_REQUEST_BYTES": str(64 * 1024),
+              "SLUICE_MAX_DECOMPRESSED_BYTES": str(BUDGET)}
+
+
+def sales_items(inflated_bytes: int, tag: str) -> list[dict]:
+    """Valid sales items whose JSON array is just under ``inflated_bytes``."""
+    one = len(orjson.dumps({"region": f"{tag}-000000", "revenue": 1})) + 1
+    return [{"region": f"{tag}-{i:06d}", "revenue": 1}
+            for i in range((inflated_bytes - 2) // one)]
+
+
+def gzipped(items: list[dict]) -> dict:
+    return {"body": gzip.compress(orjson.dumps(items)), "Content-Encoding": "gzip"}
+
+
+def body_budget(gw):
+    return gw.client.server.app[STATE].ingestor.budget
+
+
+async def test_the_body_budget_comes_back_after_success_and_every_error(make_gateway):
+    gw = await make_gateway(**BUDGET_ENV)
+    budget = body_budget(gw)
+    assert budget.capacity == BUDGET
+    whole = sales_items(BUDGET, "whole")  # a body that needs all of the budget
+    assert BUDGET - 64 < len(orjson.dumps(whole)) <= BUDGET
+
+    def send(items=None, *, body=None, **headers):
+        if items is not None:
+            sent = gzipped(items)
+            body, headers = sent.pop("body"), {**sent, **headers}
+        return gw.post(body, **headers)
+
+    invalid = [*whole[:-1], {"region": "", "revenue": -1}]
+    await assert_problem(await send(invalid), 400, "VALIDATION_FAILED")
+    assert budget.in_use == 0
+    await assert_problem(await send(body=b'[{"region": "x", '), 400, "MALFORMED_JSON")
+    assert budget.in_use == 0
+    await assert_problem(await send(body=b"[" + b" " * 70_000 + b"]"), 413, "PAYLOAD_TOO_LARGE")
+    assert budget.in_use == 0
+    await assert_problem(await send(whole + whole[:10]), 413, "DECOMPRESSED_TOO_LARGE")
+    assert budget.in_use == 0
+    assert (await send(whole, **{"Idempotency-Key": "whole"})).status == 202
+    assert budget.in_use == 0
+    replay = await send(whole, **{"Idempotency-Key": "whole"})
+    assert replay.status == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    assert budget.in_use == 0
+    again = [*whole[:-1], {"region": "last", "revenue": 2}]
+    assert (await send(again)).status == 202  # the whole budget is free again
+    assert budget.in_use == 0
+    assert events(await gw.published()) == whole + again

@@ -3,8 +3,9 @@
 import os
 
 import pytest
+import yaml
 
-from gateway.config import VARIABLES, ConfigError, Settings, markdown_table
+from gateway.config import VARIABLES, ConfigError, Settings, check_body_budget, markdown_table
 from schemas.metrics_export import MULTIPROC_ENV, prepare_multiprocess
 from schemas.redis_client import SentinelUrl, sentinel_url
 
@@ -118,3 +119,44 @@ def test_sessions_time_out_before_their_state_is_forgotten(tmp_path, monkeypatch
     assert main(["check"]) == 2
     err = capsys.readouterr().err
     assert "SLUICE_SESSION_MAX_TIMEOUT_S (7200)" in err and "SLUICE_LOG_MAX_AGE_S (3600)" in err
+
+
+def _catalogue(tmp_path, **limits):
+    from schemas.catalogue import load_catalogue
+
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump({"id": "big", "schema": {"type": "object"},
+                                                       **limits}))
+    return load_catalogue(tmp_path, Settings.from_env({}).limits, ())
+
+
+def test_body_budget_defaults_to_admitting_the_largest_default_body(tmp_path):
+    settings = Settings.from_env({})
+    assert settings.max_inflight_body_bytes >= settings.max_decompressed_bytes
+    assert settings.max_inflight_body_bytes >= settings.max_request_bytes
+    check_body_budget(settings, _catalogue(tmp_path))
+
+
+def test_body_budget_smaller_than_a_datasets_limit_is_refused_naming_both(tmp_path):
+    catalogue = _catalogue(tmp_path, max_decompressed_bytes=64 * 2**20)
+    with pytest.raises(ConfigError, match=r"SLUICE_MAX_INFLIGHT_BODY_BYTES \(16777216\).*"
+                                          r"67108864 bytes \(dataset 'big'"):
+        check_body_budget(Settings.from_env({}), catalogue)
+    check_body_budget(Settings.from_env({"SLUICE_MAX_INFLIGHT_BODY_BYTES": str(64 * 2**20)}),
+                      catalogue)
+    small = Settings.from_env({"SLUICE_MAX_INFLIGHT_BODY_BYTES": "1000"})
+    with pytest.raises(ConfigError, match="SLUICE_MAX_INFLIGHT_BODY_BYTES"):
+        check_body_budget(small, catalogue)
+    with pytest.raises(ConfigError, match="SLUICE_MAX_INFLIGHT_BODY_BYTES"):
+        Settings.from_env({"SLUICE_MAX_INFLIGHT_BODY_BYTES": "0"})
+
+
+def test_create_app_refuses_a_body_budget_below_a_datasets_limit(tmp_path):
+    from gateway.app import create_app
+
+    _catalogue(tmp_path, max_request_bytes=4096, max_decompressed_bytes=8192)
+    settings = Settings.from_env({"SLUICE_CATALOGUE_DIR": str(tmp_path),
+                                  "SLUICE_MAX_INFLIGHT_BODY_BYTES": "8191"})
+    with pytest.raises(ConfigError, match="SLUICE_MAX_INFLIGHT_BODY_BYTES"):
+        create_app(settings)
+    create_app(Settings.from_env({"SLUICE_CATALOGUE_DIR": str(tmp_path),
+                                  "SLUICE_MAX_INFLIGHT_BODY_BYTES": "8192"}))

@@ -572,6 +572,17 @@ def test_gateway_probes_hit_real_routes_and_shutdown_fits_the_grace_period(k8s):
     assert "replicas" not in deployment["spec"], "the HorizontalPodAutoscaler owns replicas"
 
 
+def test_gateway_memory_limit_covers_its_processes_body_budgets(k8s):
+    # README, Operations: processes x (40 x SLUICE_MAX_INFLIGHT_BODY_BYTES + 70 MB) + 70 MB
+    container = _one(k8s, "Deployment", "sluice-gateway")["spec"]["template"]["spec"][
+        "containers"][0]
+    settings = _settings_of(k8s, container)
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    needed = settings.processes * (40 * settings.max_inflight_body_bytes + 70e6) + 70e6
+    assert int(limit[:-2]) * 2**20 >= needed
+
+
 def test_services_and_servicemonitors_reach_the_metrics_ports(k8s):
     assert len(_selected_services(k8s)) == 2
     for monitor in (o for o in k8s if o["kind"] == "ServiceMonitor"):

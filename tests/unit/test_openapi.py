@@ -16,6 +16,7 @@ import yaml
 from gateway import chunks
 from gateway.accounting import RequestOutcome, _log_fields
 from gateway.app import create_app
+from gateway.budget import BodyBudget
 from gateway.config import Settings
 from gateway.errors import ERROR_CODES, ApiError
 from gateway.ingest import Ingestor, IngestRequest
@@ -228,7 +229,8 @@ async def _push(body: bytes, partial: bool) -> Any:
     request = IngestRequest(SALES, PRINCIPAL, body, False, JSON, partial, None,
                             "req_0123456789abcdef01234567", 1_700_000_000_000)
     try:
-        answer = await Ingestor(None, _Publisher(), 1)._process(request, body, {})
+        ingestor = Ingestor(None, _Publisher(), 1, BodyBudget(1 << 30))
+        answer = await ingestor._process(request, body, {})
     except ApiError as exc:
         return exc.body(request.request_id, "/v1/datasets/sales/events")
     return orjson.loads(answer.body)
