@@ -257,6 +257,33 @@ async def test_a_rebalance_inside_a_poll_puts_no_record_in_the_batch_twice(gatew
         await worker.redis.aclose()
 
 
+async def test_an_idempotency_key_reused_after_the_gateway_forgot_it_is_stored(
+        make_gateway, storage_url):
+    """Stripe's semantics: once the gateway has forgotten a key (SLUICE_IDEMPOTENCY_TTL_S
+    after its request), a client may send it with another body, which the gateway takes
+    (202) and publishes. The workers, given the same window, store it: an append-only table
+    used to skip it as a copy, for ever, and count it as a duplicate."""
+    gateway = await make_gateway(SLUICE_IDEMPOTENCY_TTL_S="1")
+    headers = {"Idempotency-Key": "monthly-report", "X-Request-ID": "first"}
+    first = await gateway.post(b'{"n": 1}', key=gateway.other_key, dataset="other", **headers)
+    assert first.status == 202
+    async with Running(gateway, storage_url, SLUICE_IDEMPOTENCY_TTL_S="1"):
+        await wait_for(lambda: _equals(count(storage_url, "other"), 1))
+        headers["X-Request-ID"] = "second"
+
+        async def taken() -> bool:  # 422 IDEMPOTENCY_KEY_REUSED until the key is forgotten
+            resp = await gateway.post(b'{"n": 2}', key=gateway.other_key, dataset="other",
+                                      **headers)
+            assert resp.status in (202, 422), await resp.text()
+            return resp.status == 202
+
+        await wait_for(taken, timeout=10)
+        await wait_for(lambda: _equals(count(storage_url, "other"), 2))
+    got = await rows(storage_url, "SELECT _request_id, _extra FROM other ORDER BY _request_id")
+    assert [(rid, orjson.loads(extra)) if isinstance(extra, str) else (rid, extra)
+            for rid, extra in got] == [("first", {"n": 1}), ("second", {"n": 2})]
+
+
 async def test_out_of_order_item_key_updates_keep_the_newest(gateway, storage_url):
     newer = [(r.H_RECEIVED_AT, b"1800000002000"), (r.H_CONNECTOR, b"pos")]
     older = [(r.H_RECEIVED_AT, b"1800000001000"), (r.H_CONNECTOR, b"pos")]
@@ -475,7 +502,7 @@ async def _guarded(gateway, storage_url: str, topic: str, extra: str = "") -> No
     definition = (f"id: guarded\nentry_topic: {topic}\n{extra}"
                   "schema: {type: object, properties: {n: {type: integer}, k: {type: string}}}\n")
     (gateway.settings.catalogue_dir / "guarded.yaml").write_text(definition)
-    sink = open_sink(storage_url)
+    sink = open_sink(storage_url, WorkerSettings.from_env({}).idempotency_ttl_s)
     await sink.start()
     await sink.prepare(Structure(parse_dataset(yaml.safe_load(definition), Limits())))
     await sink.close()

@@ -118,3 +118,16 @@ def test_sessions_time_out_before_their_state_is_forgotten(tmp_path, monkeypatch
     assert main(["check"]) == 2
     err = capsys.readouterr().err
     assert "SLUICE_SESSION_MAX_TIMEOUT_S (7200)" in err and "SLUICE_LOG_MAX_AGE_S (3600)" in err
+
+
+def test_workers_read_the_gateways_idempotency_retention():
+    """An append-only table skips a key's copies for as long as the gateway keeps the key:
+    the same variable, with the same default, on both sides."""
+    from workers.config import VARIABLES as WORKER_VARIABLES
+    from workers.config import WorkerSettings
+
+    name = "SLUICE_IDEMPOTENCY_TTL_S"
+    assert WORKER_VARIABLES[name][:2] == VARIABLES[name][:2] == ("idempotency_ttl_s", "86400")
+    env = {name: "3600"}
+    assert WorkerSettings.from_env(env).idempotency_ttl_s == 3600
+    assert Settings.from_env(env).idempotency_ttl_s == 3600

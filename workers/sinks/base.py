@@ -60,6 +60,10 @@ class Sink(Protocol):
         """Why the store would refuse each row written alone (None: it would not); nothing
         is written. The failure path of a write that raised StorageRefused."""
 
+    async def prune(self, now_ms: int) -> int:
+        """Delete the Idempotency-Key records of the append-only tables prepared that decide
+        nothing any more at ``now_ms`` (fence.prune_before); the number deleted."""
+
     async def close(self) -> None: ...
 
 
