@@ -78,6 +78,7 @@ class Worker:
         for structure in structures.values():
             await self.sink.prepare(structure)
         changed = set(structures) != set(self.structures)
+        # a new dict, never the old one changed: a batch in flight keeps the one it took
         self.structures = structures
         self._catalogue_stamp = stamp
         return changed
@@ -270,15 +271,19 @@ class Worker:
         """Decode, shape and write one batch, each dataset's write retried on its own; what
         it did (and the dead letters to send) for the steps after it."""
         outcome = BatchOutcome()
+        # one catalogue for the whole batch: a reload while it is written (the writes await)
+        # applies from the next batch, and the sinks write each row with the structure that
+        # shaped it (Sink.write)
+        structures = self.structures
         per_dataset: dict[str, Decoded] = defaultdict(Decoded)
         for record in batch:
-            structure = self.structures.get(record.topic)
+            structure = structures.get(record.topic)
             if structure is None:
                 continue  # a dataset removed from the catalogue: leave its topic alone
             origin, events = decode(record, structure, per_dataset[record.topic])
             outcome.received(structure.dataset.id, origin, events)
         for topic, decoded in per_dataset.items():
-            structure = self.structures[topic]
+            structure = structures[topic]
             rows = decoded.rows
             while True:
                 latest, superseded = reduce_latest(structure, rows)

@@ -364,6 +364,27 @@ async def test_schema_growth_adds_columns_and_type_changes_stop(sink, storage_ur
         await sink.prepare(s3)
 
 
+@pytest.mark.parametrize("extra", [{}, {"event_id": "units"}])  # append path, merge path
+async def test_rows_shaped_before_a_reload_go_to_their_own_columns(sink, storage_url, extra):
+    """A worker writes a batch with the structure that shaped it, while a catalogue reload
+    may have prepared a newer one meanwhile (or prepared it and then failed at another
+    dataset, so the worker keeps the one it has): its rows go to their own columns. The
+    sinks used to write them with the statement of the structure prepared last: a field
+    renamed from region to area took the older rows' regions."""
+    before = structure(**extra)
+    renamed = {**SCHEMA, "required": ["area"], "properties": {
+        "area" if name == "region" else name: kind for name, kind in SCHEMA["properties"].items()}}
+    after = Structure(parse_dataset({"id": "sales", "schema": renamed, **extra}, Limits()))
+    await sink.prepare(before)
+    await sink.prepare(after)
+    assert (await sink.write(before, [row(before, {"region": "North", "units": 3},
+                                          origin(0))])).total == 1
+    assert (await sink.write(after, [row(after, {"area": "South", "units": 4},
+                                         origin(1))])).total == 1
+    assert await read(sink, storage_url, "SELECT region, area, units FROM sales "
+                      "ORDER BY _offset") == [("North", None, 3), (None, "South", 4)]
+
+
 async def test_columns_differing_only_in_case_are_refused_by_sqlite_alone(sink, storage_url):
     """SQLite takes them for one name (its CREATE or ALTER failed, stopping the worker with a
     traceback); PostgreSQL keeps both."""

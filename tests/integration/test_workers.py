@@ -757,6 +757,73 @@ async def test_a_reload_that_would_change_a_column_type_keeps_the_catalogue_it_h
     running.task.result()
 
 
+async def _waiting_for_a_lock(postgres_url: str) -> bool:
+    return bool(await rows(postgres_url, "SELECT 1 FROM pg_stat_activity WHERE datname = "
+                           "current_database() AND wait_event_type = 'Lock'"))
+
+
+async def test_a_catalogue_reload_during_a_batch_leaves_each_value_in_its_column(
+        kafka, redis_url, postgres_url, tmp_path):
+    """A batch is shaped and written with the catalogue it started with, whatever a reload
+    does meanwhile. The reload used to hand the sinks the new statements at once, and the
+    batch the new structures for the datasets it had not written yet: a field renamed from b
+    to c put the batch's b values in c, silently, and a dataset removed raised KeyError.
+    Deterministic: the test holds the fence row of the batch's first dataset, so the batch
+    waits in its first write (seen in pg_stat_activity) while the reload runs, and goes on
+    once the test lets go."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = {name: f"ingest.{name}.{suffix}" for name in ("first", "second", "gone")}
+    await create_topics(kafka.bootstrap, list(topics.values()), partitions=1)
+    catalogue = tmp_path / "catalogue"
+    catalogue.mkdir()
+
+    def define(name: str, field: str) -> None:
+        (catalogue / f"{name}.yaml").write_text(yaml.safe_dump({
+            "id": name, "entry_topic": topics[name], "schema": {"type": "object", "properties": {
+                field: {"type": "integer"}, "note": {"type": "string"}}}}))
+
+    for name, topic in topics.items():
+        define(name, "b")
+        await produce(kafka.bootstrap, topic,
+                      orjson.dumps([{"b": 1, "note": name}, {"b": 2, "note": name}]))
+    batch = [rec for topic in topics.values() for rec in await consume_all(kafka.bootstrap, topic)]
+    worker = Worker(WorkerSettings.from_env({
+        "STORAGE_URL": postgres_url, "SLUICE_CATALOGUE_DIR": str(catalogue),
+        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
+        "REDIS_URL": redis_url}))
+    await worker.sink.start()
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        await worker.load_catalogue()
+        await holder.execute("INSERT INTO _sluice_offsets VALUES ('first', $1, 0, 0)",
+                             topics["first"])
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT 1 FROM _sluice_offsets WHERE table_name = 'first' "
+                             "FOR UPDATE")
+        processing = asyncio.create_task(worker.process(batch))
+        await wait_for(lambda: _waiting_for_a_lock(postgres_url))
+        define("first", "c")
+        define("second", "c")
+        (catalogue / "gone.yaml").unlink()
+        await worker._reload_catalogue()
+        assert sorted(worker.structures) == [topics["first"], topics["second"]]
+        assert worker.structures[topics["second"]].data_names[0] == "c"  # applied
+        assert not processing.done()
+        await held.rollback()
+        outcome = await asyncio.wait_for(processing, 10)
+    finally:
+        await holder.close()
+        await worker.sink.close()
+        await worker.redis.aclose()
+    assert not outcome.letters
+    for name in ("first", "second"):
+        assert await rows(postgres_url, f"SELECT b, c, note FROM {name} ORDER BY b") == [
+            (1, None, name), (2, None, name)]
+    assert await rows(postgres_url, "SELECT b, note FROM gone ORDER BY b") == [
+        (1, "gone"), (2, "gone")]
+
+
 async def _logged(caplog, text: str) -> bool:
     return any("catalogue reload failed" in r.getMessage() and text in r.getMessage()
                for r in caplog.records)

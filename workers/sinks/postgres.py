@@ -175,8 +175,11 @@ class PostgresSink:
         self.url = url
         self._window_ms = key_window_s * 1000  # fence.KeyedRecords
         self._pool: asyncpg.Pool | None = None
-        # per table: the merge statement (None: fenced append) and the column names
-        self._sql: dict[str, tuple[str | None, list[str]]] = {}
+        # per table: whether it has the unique key of tables created before offset fences
+        self._legacy: dict[str, bool] = {}
+        # per table: the structure last prepared, the merge statement of its rows (None: a
+        # fenced append) and their column names (_statement)
+        self._sql: dict[str, tuple[Structure, str | None, list[str]]] = {}
         self._keys_ready = False  # the fence tables exist in their current form
 
     async def start(self) -> None:
@@ -241,16 +244,31 @@ class PostgresSink:
                 for name, kind in check_columns(table, existing, columns, pg_type):
                     await conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)} "
                                        f"{pg_type(kind)}")
-            merge = True
+            legacy = False
             if conflict_target(structure) is None:
-                merge = await conn.fetchval(_HAS_UNIQUE, quote(table), list(LEGACY_APPEND_KEY))
-                if merge:  # created before fences: its unique keys keep it exactly once
+                legacy = await conn.fetchval(_HAS_UNIQUE, quote(table), list(LEGACY_APPEND_KEY))
+                if legacy:  # created before fences: its unique keys keep it exactly once
                     await conn.execute(legacy_idempotency_index_sql(table))
                 elif not self._keys_ready:
                     await _fence_tables(conn)
-        self._keys_ready = self._keys_ready or not merge
-        self._sql[table] = (self._merge_sql(structure, columns) if merge else None,
-                            [n for n, _ in columns])
+        self._legacy[table] = legacy
+        self._sql[table] = self._plan(structure)
+        self._keys_ready = self._keys_ready or self._sql[table][1] is None
+
+    def _statement(self, structure: Structure) -> tuple[Structure, str | None, list[str]]:
+        """How rows shaped by ``structure`` are written: the plan of the structure last
+        prepared, or for rows shaped before a catalogue reload (a batch in flight, or a reload
+        that failed at another dataset, so the worker keeps the catalogue it has) their own
+        structure's, so each value goes to its own column (the table has them all: a reload
+        only adds columns)."""
+        prepared = self._sql[structure.dataset.id]
+        return prepared if prepared[0] is structure else self._plan(structure)
+
+    def _plan(self, structure: Structure) -> tuple[Structure, str | None, list[str]]:
+        columns = table_columns(structure)
+        merge = conflict_target(structure) is not None or self._legacy[structure.dataset.id]
+        return (structure, self._merge_sql(structure, columns) if merge else None,
+                [n for n, _ in columns])
 
     async def prune(self, now_ms: int, chunk: int = 10_000) -> int:
         """Delete the Idempotency-Key records of this sink's append-only tables that decide
@@ -258,7 +276,7 @@ class PostgresSink:
         waits for one chunk at most. The rows deleted."""
         before = fence.prune_before(now_ms, self._window_ms)
         deleted = 0
-        for table in [table for table, (sql, _) in list(self._sql.items()) if sql is None]:
+        for table in [table for table, (_, sql, _) in list(self._sql.items()) if sql is None]:
             while True:
                 async with self._transaction() as conn:
                     n = int((await conn.execute(_PRUNE, table, before, chunk)).split()[-1])
@@ -298,7 +316,7 @@ class PostgresSink:
     async def _write_in(self, conn: asyncpg.Connection, structure: Structure,
                         rows: list[Row]) -> WriteResult:
         table = structure.dataset.id
-        sql, names = self._sql[table]
+        _, sql, names = self._statement(structure)
         if sql is None:
             return WriteResult(await _append(conn, table, names, rows, self._window_ms))
         await conn.execute(f"CREATE TEMP TABLE {_STAGE} (LIKE {quote(table)}) "

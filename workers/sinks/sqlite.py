@@ -99,8 +99,11 @@ class SqliteSink:
         self._window_ms = key_window_s * 1000  # fence.KeyedRecords
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
-        # per table: the insert statement, and whether offset fences keep it exactly once
-        self._sql: dict[str, tuple[str, bool]] = {}
+        # per table: whether it has the unique key of tables created before offset fences
+        self._legacy: dict[str, bool] = {}
+        # per table: the structure last prepared, the insert statement of its rows, and
+        # whether offset fences keep the table exactly once (_statement)
+        self._sql: dict[str, tuple[Structure, str, bool]] = {}
         self._keys_ready = False  # the fence tables exist in their current form
         _register_adapters()
 
@@ -150,17 +153,32 @@ class SqliteSink:
                 for name, kind in check_columns(table, existing, columns, sqlite_type):
                     self._conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)} "
                                        f"{sqlite_type(kind)}")
-            fenced = False
+            legacy = False
             if conflict_target(structure) is None:
-                if self._has_unique(table, LEGACY_APPEND_KEY):
+                legacy = self._has_unique(table, LEGACY_APPEND_KEY)
+                if legacy:
                     # created before fences: its unique keys keep it exactly once
                     self._conn.execute(legacy_idempotency_index_sql(table))
-                else:
-                    fenced = True
-                    if not self._keys_ready:
-                        self._fence_tables()
-        self._keys_ready = self._keys_ready or fenced
-        self._sql[table] = (self._insert_sql(structure, columns, fenced), fenced)
+                elif not self._keys_ready:
+                    self._fence_tables()
+        self._legacy[table] = legacy
+        self._sql[table] = self._plan(structure)
+        self._keys_ready = self._keys_ready or self._sql[table][2]
+
+    def _statement(self, structure: Structure) -> tuple[Structure, str, bool]:
+        """How rows shaped by ``structure`` are written: the plan of the structure last
+        prepared, or for rows shaped before a catalogue reload (a batch in flight, or a reload
+        that failed at another dataset, so the worker keeps the catalogue it has) their own
+        structure's, so each value goes to its own column (the table has them all: a reload
+        only adds columns)."""
+        prepared = self._sql[structure.dataset.id]
+        return prepared if prepared[0] is structure else self._plan(structure)
+
+    def _plan(self, structure: Structure) -> tuple[Structure, str, bool]:
+        fenced = (conflict_target(structure) is None
+                  and not self._legacy[structure.dataset.id])
+        sql = self._insert_sql(structure, table_columns(structure), fenced)
+        return structure, sql, fenced
 
     def _fence_tables(self) -> None:
         """Create the fence tables, or bring those of an earlier version up to date: the keys
@@ -215,7 +233,7 @@ class SqliteSink:
     def _write_in(self, structure: Structure, rows: list[Row]) -> WriteResult:
         assert self._conn is not None
         table = structure.dataset.id
-        sql, fenced = self._sql[table]
+        _, sql, fenced = self._statement(structure)
         if fenced:
             return WriteResult(fence.written(self._append(table, sql, rows)))
         by_request: dict[str | None, list[tuple]] = {}
@@ -255,7 +273,7 @@ class SqliteSink:
         waits for one chunk at most. The rows deleted."""
         before = fence.prune_before(now_ms, self._window_ms)
         deleted = 0
-        for table in [table for table, (_, fenced) in list(self._sql.items()) if fenced]:
+        for table in [table for table, (_, _, fenced) in list(self._sql.items()) if fenced]:
             while True:
                 n = await self._run(self._prune, table, before, chunk)
                 deleted += n
