@@ -56,6 +56,10 @@ VARIABLES: Variables = {
                             "port of the workers' /metrics (0: none)"),
     "WORKER_CATALOGUE_RELOAD_S": ("reload_s", "10", float_min(0.5),
                                   "how often the catalogue is checked for new datasets"),
+    "SLUICE_IDEMPOTENCY_TTL_S": ("idempotency_ttl_s", "86400", int_range(1),
+                                 "the gateway's Idempotency-Key retention (set both alike): in an "
+                                 "append-only dataset, a record whose key was stored longer "
+                                 "before it was received is a new request, stored again"),
     "SLUICE_LOG_MAX_AGE_S": ("log_max_age_s", "604800", int_range(60),
                              "how long ingestion-session statistics are kept"),
     "SLUICE_LOG_LEVEL": ("log_level", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -80,6 +84,7 @@ class WorkerSettings:
     session_timeout_ms: int
     metrics_port: int
     reload_s: float
+    idempotency_ttl_s: int
     log_max_age_s: int
     log_level: str
     log_format: str

@@ -45,12 +45,13 @@ from workers.sinks import (
 
 log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
+_PRUNE_S = 3600.0  # how often the Idempotency-Keys of append-only tables are pruned, at most
 
 
 class Worker:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
-        self.sink: Sink = open_sink(settings.storage_url)
+        self.sink: Sink = open_sink(settings.storage_url, settings.idempotency_ttl_s)
         self.dlq = DeadLetters(settings.kafka_bootstrap, settings.kafka_idempotence)
         self.redis = redis_client.connect(settings.redis_url, 2)
         self.account_script = self.redis.register_script(o.ACCOUNT_SCRIPT)
@@ -77,6 +78,7 @@ class Worker:
         for structure in structures.values():
             await self.sink.prepare(structure)
         changed = set(structures) != set(self.structures)
+        # a new dict, never the old one changed: a batch in flight keeps the one it took
         self.structures = structures
         self._catalogue_stamp = stamp
         return changed
@@ -96,13 +98,34 @@ class Worker:
             # stops a worker only at start, where it cannot run with an older catalogue
             log.error("catalogue reload failed, keeping the previous one: %s", exc)
 
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _key_prunings(self) -> Periodic:
+        return Periodic(self._prune_keys, min(_PRUNE_S, self.settings.idempotency_ttl_s),
+                        at_start=True, name="idempotency key pruning")
+
+    async def _prune_keys(self) -> None:
+        """Delete the Idempotency-Keys of append-only tables that decide nothing any more
+        (fence.prune_before), so their bookkeeping stays bounded; in transactions of their
+        own, beside the batches."""
+        try:
+            deleted = await self.sink.prune(time.time_ns() // 1_000_000)
+        except (OSError, StorageBusy) as exc:  # storage away: next time
+            log.warning("pruning idempotency keys failed (%s: %s); trying again later",
+                        type(exc).__name__, exc)
+            return
+        if deleted:
+            log.info("pruned %d idempotency keys past their window", deleted)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         reloads = self._catalogue_reloads()
+        prunings = self._key_prunings()
         try:
             await self._start()
             reloads.start()
+            prunings.start()
             log.info("worker consuming %s into %s", sorted(self.structures),
                      self.settings.storage_url.split("@")[-1])
             while not self.stopping.is_set():
@@ -117,6 +140,7 @@ class Worker:
                 log.warning("stopping before the worker had started (%s)", exc.reason)
         finally:
             await reloads.stop()
+            await prunings.stop()
             if self.consumer is not None:
                 await self.consumer.stop()  # leaves the group
             await self.dlq.stop()
@@ -247,15 +271,19 @@ class Worker:
         """Decode, shape and write one batch, each dataset's write retried on its own; what
         it did (and the dead letters to send) for the steps after it."""
         outcome = BatchOutcome()
+        # one catalogue for the whole batch: a reload while it is written (the writes await)
+        # applies from the next batch, and the sinks write each row with the structure that
+        # shaped it (Sink.write)
+        structures = self.structures
         per_dataset: dict[str, Decoded] = defaultdict(Decoded)
         for record in batch:
-            structure = self.structures.get(record.topic)
+            structure = structures.get(record.topic)
             if structure is None:
                 continue  # a dataset removed from the catalogue: leave its topic alone
             origin, events = decode(record, structure, per_dataset[record.topic])
             outcome.received(structure.dataset.id, origin, events)
         for topic, decoded in per_dataset.items():
-            structure = self.structures[topic]
+            structure = structures[topic]
             rows = decoded.rows
             while True:
                 latest, superseded = reduce_latest(structure, rows)

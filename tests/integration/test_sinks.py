@@ -18,6 +18,8 @@ from workers.sinks.sqlite import path_of
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+WINDOW_S = 86400  # SLUICE_IDEMPOTENCY_TTL_S's default
+WINDOW = timedelta(seconds=WINDOW_S)
 
 SCHEMA = {"type": "object", "properties": {
     "region": {"type": "string"}, "revenue": {"type": "number"}, "units": {"type": "integer"},
@@ -65,7 +67,7 @@ async def unique_indexes(sink, url: str, table: str) -> int:
 
 @pytest.fixture
 async def sink(storage_url):
-    sink = open_sink(storage_url)
+    sink = open_sink(storage_url, WINDOW_S)
     await sink.start()
     yield sink
     await sink.close()
@@ -159,6 +161,106 @@ async def test_one_key_twice_in_one_batch_stores_the_first_record(sink, storage_
     assert (await read(sink, storage_url, "SELECT count(*) FROM sales"))[0][0] == 2
 
 
+async def test_an_idempotency_key_reused_after_the_window_is_a_new_request(sink, storage_url):
+    """The gateway forgets a key SLUICE_IDEMPOTENCY_TTL_S after its request, and a client may
+    then send it again with new data: stored (it used to be skipped as a copy, for ever).
+    Copies of each request, within the window of its receive time, are still stored once."""
+    s = structure()
+    await sink.prepare(s)
+
+    def request(offset: int, received: datetime, region: str) -> list[Row]:
+        return [row(s, {"region": region}, origin(offset, received, f"r{offset}", "k"))]
+
+    assert (await sink.write(s, request(0, T0, "first"))).total == 1
+    assert (await sink.write(s, request(1, T0 + WINDOW, "copy"))).total == 0  # at the edge
+    later = T0 + WINDOW + timedelta(milliseconds=1)
+    assert (await sink.write(s, request(2, later, "second"))).written == {"r2": 1}
+    # the recorded time moved to the second request: its copies are copies, a window on
+    assert (await sink.write(s, request(3, later + WINDOW, "copy"))).total == 0
+    assert (await sink.write(s, request(4, T0 + 2 * WINDOW, "copy"))).total == 0
+    assert await read(sink, storage_url, "SELECT region FROM sales ORDER BY _offset") == [
+        ("first",), ("second",)]
+
+
+async def test_one_batch_with_a_request_its_copy_and_the_key_reused_stores_two(sink,
+                                                                                storage_url):
+    """Workers that lag a window behind hold them in one batch: each decided in turn."""
+    s = structure()
+    await sink.prepare(s)
+    assert (await sink.write(s, [row(s, {"region": "old"}, origin(0, T0, "r0", "k"))])).total
+    batch = [row(s, {"region": region}, origin(n, T0 + at, f"r{n}", "k", partition=n % 2))
+             for n, (region, at) in enumerate([
+                 ("copy", WINDOW), ("new", WINDOW + timedelta(seconds=1)),
+                 ("its copy", 2 * WINDOW), ("newer", 2 * WINDOW + timedelta(seconds=2))], 1)]
+    assert (await sink.write(s, batch)).written == {"r2": 1, "r4": 1}
+    assert await read(sink, storage_url, "SELECT region FROM sales ORDER BY _offset") == [
+        ("old",), ("new",), ("newer",)]
+
+
+async def test_keys_recorded_by_an_earlier_version_are_kept_for_a_window_from_the_migration(
+        tmp_path, storage_url):
+    """A _sluice_idempotency created before receive times were kept gets the column at
+    start, its keys the time of the migration: a late copy is still a copy, for a window."""
+    old = ("CREATE TABLE _sluice_idempotency (table_name text NOT NULL, connector text NOT "
+           "NULL, idempotency_key text NOT NULL, part integer NOT NULL, stored_at {} NOT NULL "
+           "DEFAULT {}, PRIMARY KEY (table_name, connector, idempotency_key, part))")
+    recorded = ("INSERT INTO _sluice_idempotency (table_name, connector, idempotency_key, "
+                "part) VALUES ('sales', 'pos', 'k', 0)")
+    if storage_url.startswith("sqlite"):
+        conn = sqlite3.connect(path_of(storage_url))
+        with conn:
+            conn.execute(old.format("TEXT", "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))"))
+            conn.execute(recorded)
+        conn.close()
+    else:
+        conn = await asyncpg.connect(storage_url)
+        await conn.execute(old.format("timestamp with time zone", "now()"))
+        await conn.execute(recorded)
+        await conn.close()
+    before = datetime.now(UTC)
+    sink = open_sink(storage_url, WINDOW_S)
+    await sink.start()
+    try:
+        s = structure()
+        await sink.prepare(s)
+        after = datetime.now(UTC)
+        (migrated,) = await read(sink, storage_url, "SELECT received_ms FROM "
+                                 "_sluice_idempotency")
+        assert int(before.timestamp() * 1000) - 1 <= migrated[0] <= after.timestamp() * 1000
+        late = [row(s, {"region": "late copy"}, origin(0, after + WINDOW - timedelta(
+            seconds=5), idem="k"))]
+        assert (await sink.write(s, late)).total == 0
+        again = [row(s, {"region": "new"}, origin(1, after + WINDOW + timedelta(seconds=1),
+                                                 rid="r2", idem="k"))]
+        assert (await sink.write(s, again)).written == {"r2": 1}
+        await sink.prepare(s)  # a second start: nothing more to migrate
+        assert await read(sink, storage_url, "SELECT region FROM sales") == [("new",)]
+    finally:
+        await sink.close()
+
+
+async def test_idempotency_keys_two_windows_old_are_pruned(sink, storage_url):
+    """A key decides records received up to a window after it; pruning those two windows old
+    leaves a window for the workers' lag. Other datasets' keys are left to their workers."""
+    s = structure()
+    await sink.prepare(s)
+    now = T0 + 3 * WINDOW
+    ages = {"old": 2 * WINDOW + timedelta(milliseconds=1), "edge": 2 * WINDOW,
+            "young": WINDOW}
+    await sink.write(s, [row(s, {"region": k}, origin(n, now - age, f"r{n}", k))
+                         for n, (k, age) in enumerate(ages.items())])
+    await execute(sink, storage_url, "INSERT INTO _sluice_idempotency (table_name, connector, "
+                  "idempotency_key, part, received_ms) VALUES ('other', 'pos', 'old', 0, 0)")
+    now_ms = int(now.timestamp() * 1000)
+    assert await sink.prune(now_ms, chunk=1) == 1  # in chunks, each its own transaction
+    assert await read(sink, storage_url, "SELECT table_name, idempotency_key FROM "
+                      "_sluice_idempotency ORDER BY received_ms") == [
+        ("other", "old"), ("sales", "edge"), ("sales", "young")]
+    assert await sink.prune(now_ms) == 0
+    late = [row(s, {"region": "x"}, origin(5, now - WINDOW, idem="old"))]
+    assert (await sink.write(s, late)).total == 1  # no longer known: stored
+
+
 class FenceHolder:
     """The partition's previous owner, inside its write transaction: holds the fence row."""
 
@@ -213,7 +315,7 @@ async def test_tables_from_before_fences_keep_their_unique_key(sink, storage_url
     await sink.prepare(s)
     await execute(sink, storage_url, 'CREATE UNIQUE INDEX old_key ON sales '
                   '(_topic, _partition, _offset, _index)')
-    legacy = open_sink(storage_url)
+    legacy = open_sink(storage_url, WINDOW_S)
     await legacy.start()
     try:
         await legacy.prepare(s)
@@ -260,6 +362,27 @@ async def test_schema_growth_adds_columns_and_type_changes_stop(sink, storage_ur
     s3 = Structure(parse_dataset({"id": "sales", "schema": changed}, Limits()))
     with pytest.raises(StorageSchemaError, match="units"):
         await sink.prepare(s3)
+
+
+@pytest.mark.parametrize("extra", [{}, {"event_id": "units"}])  # append path, merge path
+async def test_rows_shaped_before_a_reload_go_to_their_own_columns(sink, storage_url, extra):
+    """A worker writes a batch with the structure that shaped it, while a catalogue reload
+    may have prepared a newer one meanwhile (or prepared it and then failed at another
+    dataset, so the worker keeps the one it has): its rows go to their own columns. The
+    sinks used to write them with the statement of the structure prepared last: a field
+    renamed from region to area took the older rows' regions."""
+    before = structure(**extra)
+    renamed = {**SCHEMA, "required": ["area"], "properties": {
+        "area" if name == "region" else name: kind for name, kind in SCHEMA["properties"].items()}}
+    after = Structure(parse_dataset({"id": "sales", "schema": renamed, **extra}, Limits()))
+    await sink.prepare(before)
+    await sink.prepare(after)
+    assert (await sink.write(before, [row(before, {"region": "North", "units": 3},
+                                          origin(0))])).total == 1
+    assert (await sink.write(after, [row(after, {"area": "South", "units": 4},
+                                         origin(1))])).total == 1
+    assert await read(sink, storage_url, "SELECT region, area, units FROM sales "
+                      "ORDER BY _offset") == [("North", None, 3), (None, "South", 4)]
 
 
 async def test_columns_differing_only_in_case_are_refused_by_sqlite_alone(sink, storage_url):
@@ -405,7 +528,7 @@ async def test_concurrent_writers_record_the_same_keys_without_deadlocking(sink)
                 for i, k in enumerate(order)] for p, order in enumerate((keys, keys[::-1]))]
     results = await write_both_while_held(
         sink, s, batches, "INSERT INTO _sluice_idempotency (table_name, connector, "
-        "idempotency_key, part) VALUES ('sales', 'pos', 'k100', 0)")
+        "idempotency_key, part, received_ms) VALUES ('sales', 'pos', 'k100', 0, 0)")
     assert sum(r.total for r in results) == 200
     assert await read(sink, sink.url, "SELECT count(DISTINCT region), count(*) "
                       "FROM sales") == [(200, 200)]
@@ -419,7 +542,7 @@ async def test_postgres_refuses_a_database_not_encoded_utf8(postgres_server):
     await admin.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' "
                         "LC_CTYPE 'C' TEMPLATE template0")
     try:
-        sink = open_sink(f"{postgres_server.rpartition('/')[0]}/{name}")
+        sink = open_sink(f"{postgres_server.rpartition('/')[0]}/{name}", WINDOW_S)
         with pytest.raises(StorageSchemaError, match=r"encoded LATIN1; .* needs a UTF8 database"):
             await sink.start()
         await sink.close()

@@ -257,6 +257,33 @@ async def test_a_rebalance_inside_a_poll_puts_no_record_in_the_batch_twice(gatew
         await worker.redis.aclose()
 
 
+async def test_an_idempotency_key_reused_after_the_gateway_forgot_it_is_stored(
+        make_gateway, storage_url):
+    """Stripe's semantics: once the gateway has forgotten a key (SLUICE_IDEMPOTENCY_TTL_S
+    after its request), a client may send it with another body, which the gateway takes
+    (202) and publishes. The workers, given the same window, store it: an append-only table
+    used to skip it as a copy, for ever, and count it as a duplicate."""
+    gateway = await make_gateway(SLUICE_IDEMPOTENCY_TTL_S="1")
+    headers = {"Idempotency-Key": "monthly-report", "X-Request-ID": "first"}
+    first = await gateway.post(b'{"n": 1}', key=gateway.other_key, dataset="other", **headers)
+    assert first.status == 202
+    async with Running(gateway, storage_url, SLUICE_IDEMPOTENCY_TTL_S="1"):
+        await wait_for(lambda: _equals(count(storage_url, "other"), 1))
+        headers["X-Request-ID"] = "second"
+
+        async def taken() -> bool:  # 422 IDEMPOTENCY_KEY_REUSED until the key is forgotten
+            resp = await gateway.post(b'{"n": 2}', key=gateway.other_key, dataset="other",
+                                      **headers)
+            assert resp.status in (202, 422), await resp.text()
+            return resp.status == 202
+
+        await wait_for(taken, timeout=10)
+        await wait_for(lambda: _equals(count(storage_url, "other"), 2))
+    got = await rows(storage_url, "SELECT _request_id, _extra FROM other ORDER BY _request_id")
+    assert [(rid, orjson.loads(extra)) if isinstance(extra, str) else (rid, extra)
+            for rid, extra in got] == [("first", {"n": 1}), ("second", {"n": 2})]
+
+
 async def test_out_of_order_item_key_updates_keep_the_newest(gateway, storage_url):
     newer = [(r.H_RECEIVED_AT, b"1800000002000"), (r.H_CONNECTOR, b"pos")]
     older = [(r.H_RECEIVED_AT, b"1800000001000"), (r.H_CONNECTOR, b"pos")]
@@ -475,7 +502,7 @@ async def _guarded(gateway, storage_url: str, topic: str, extra: str = "") -> No
     definition = (f"id: guarded\nentry_topic: {topic}\n{extra}"
                   "schema: {type: object, properties: {n: {type: integer}, k: {type: string}}}\n")
     (gateway.settings.catalogue_dir / "guarded.yaml").write_text(definition)
-    sink = open_sink(storage_url)
+    sink = open_sink(storage_url, WorkerSettings.from_env({}).idempotency_ttl_s)
     await sink.start()
     await sink.prepare(Structure(parse_dataset(yaml.safe_load(definition), Limits())))
     await sink.close()
@@ -728,6 +755,73 @@ async def test_a_reload_that_would_change_a_column_type_keeps_the_catalogue_it_h
         await wait_for(lambda: _equals(count(storage, "fresh"), 1), timeout=30)
         assert not running.task.done()
     running.task.result()
+
+
+async def _waiting_for_a_lock(postgres_url: str) -> bool:
+    return bool(await rows(postgres_url, "SELECT 1 FROM pg_stat_activity WHERE datname = "
+                           "current_database() AND wait_event_type = 'Lock'"))
+
+
+async def test_a_catalogue_reload_during_a_batch_leaves_each_value_in_its_column(
+        kafka, redis_url, postgres_url, tmp_path):
+    """A batch is shaped and written with the catalogue it started with, whatever a reload
+    does meanwhile. The reload used to hand the sinks the new statements at once, and the
+    batch the new structures for the datasets it had not written yet: a field renamed from b
+    to c put the batch's b values in c, silently, and a dataset removed raised KeyError.
+    Deterministic: the test holds the fence row of the batch's first dataset, so the batch
+    waits in its first write (seen in pg_stat_activity) while the reload runs, and goes on
+    once the test lets go."""
+    suffix = uuid.uuid4().hex[:8]
+    topics = {name: f"ingest.{name}.{suffix}" for name in ("first", "second", "gone")}
+    await create_topics(kafka.bootstrap, list(topics.values()), partitions=1)
+    catalogue = tmp_path / "catalogue"
+    catalogue.mkdir()
+
+    def define(name: str, field: str) -> None:
+        (catalogue / f"{name}.yaml").write_text(yaml.safe_dump({
+            "id": name, "entry_topic": topics[name], "schema": {"type": "object", "properties": {
+                field: {"type": "integer"}, "note": {"type": "string"}}}}))
+
+    for name, topic in topics.items():
+        define(name, "b")
+        await produce(kafka.bootstrap, topic,
+                      orjson.dumps([{"b": 1, "note": name}, {"b": 2, "note": name}]))
+    batch = [rec for topic in topics.values() for rec in await consume_all(kafka.bootstrap, topic)]
+    worker = Worker(WorkerSettings.from_env({
+        "STORAGE_URL": postgres_url, "SLUICE_CATALOGUE_DIR": str(catalogue),
+        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
+        "REDIS_URL": redis_url}))
+    await worker.sink.start()
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        await worker.load_catalogue()
+        await holder.execute("INSERT INTO _sluice_offsets VALUES ('first', $1, 0, 0)",
+                             topics["first"])
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT 1 FROM _sluice_offsets WHERE table_name = 'first' "
+                             "FOR UPDATE")
+        processing = asyncio.create_task(worker.process(batch))
+        await wait_for(lambda: _waiting_for_a_lock(postgres_url))
+        define("first", "c")
+        define("second", "c")
+        (catalogue / "gone.yaml").unlink()
+        await worker._reload_catalogue()
+        assert sorted(worker.structures) == [topics["first"], topics["second"]]
+        assert worker.structures[topics["second"]].data_names[0] == "c"  # applied
+        assert not processing.done()
+        await held.rollback()
+        outcome = await asyncio.wait_for(processing, 10)
+    finally:
+        await holder.close()
+        await worker.sink.close()
+        await worker.redis.aclose()
+    assert not outcome.letters
+    for name in ("first", "second"):
+        assert await rows(postgres_url, f"SELECT b, c, note FROM {name} ORDER BY b") == [
+            (1, None, name), (2, None, name)]
+    assert await rows(postgres_url, "SELECT b, note FROM gone ORDER BY b") == [
+        (1, "gone"), (2, "gone")]
 
 
 async def _logged(caplog, text: str) -> bool:

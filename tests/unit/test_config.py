@@ -160,3 +160,16 @@ def test_create_app_refuses_a_body_budget_below_a_datasets_limit(tmp_path):
         create_app(settings)
     create_app(Settings.from_env({"SLUICE_CATALOGUE_DIR": str(tmp_path),
                                   "SLUICE_MAX_INFLIGHT_BODY_BYTES": "8192"}))
+
+
+def test_workers_read_the_gateways_idempotency_retention():
+    """An append-only table skips a key's copies for as long as the gateway keeps the key:
+    the same variable, with the same default, on both sides."""
+    from workers.config import VARIABLES as WORKER_VARIABLES
+    from workers.config import WorkerSettings
+
+    name = "SLUICE_IDEMPOTENCY_TTL_S"
+    assert WORKER_VARIABLES[name][:2] == VARIABLES[name][:2] == ("idempotency_ttl_s", "86400")
+    env = {name: "3600"}
+    assert WorkerSettings.from_env(env).idempotency_ttl_s == 3600
+    assert Settings.from_env(env).idempotency_ttl_s == 3600

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from workers.rows import Origin, Row, runs, table_rows
 from workers.sinks import fence
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
+MS0 = int(T0.timestamp()) * 1000
+WINDOW = 86_400_000  # ms
 
 
 def record(offset: int, events: int = 2, *, partition: int = 0, key: str | None = None,
-           part: int = 0, rid: str | None = None) -> list[Row]:
-    origin = Origin(rid or f"r{offset}", "pos", T0, None, None, key, part, "t", partition,
-                    offset)
+           part: int = 0, rid: str | None = None, received: datetime = T0) -> list[Row]:
+    origin = Origin(rid or f"r{offset}", "pos", received, None, None, key, part, "t",
+                    partition, offset)
     return [Row((i,), origin, i) for i in range(events)]
 
 
@@ -53,18 +55,81 @@ def test_fences_move_past_every_record_seen_skipped_or_not():
     assert fence.next_fences(batch) == [("t", 0, 6), ("t", 1, 10)]
 
 
+class Store:
+    """The store's side of fence.KeyedRecords, as both sinks' statements decide: a key not
+    recorded, or recorded more than a window before the probe, is a new request."""
+
+    def __init__(self, window_ms: int, recorded: dict | None = None):
+        self.window_ms, self.recorded, self.rounds = window_ms, dict(recorded or {}), 0
+
+    def decide(self, keyed: fence.KeyedRecords) -> None:
+        while probes := keyed.probes():
+            self.rounds += 1
+            new = []
+            for c, k, p, ms in probes:
+                if (c, k, p) not in self.recorded or ms - self.recorded[c, k, p] > self.window_ms:
+                    self.recorded[c, k, p] = ms
+                    new.append((c, k, p))
+            keyed.recorded(new)
+
+
 def test_a_key_seen_twice_in_one_batch_keeps_its_first_record_only():
     first, copy = record(3, key="k", rid="a"), record(8, key="k", rid="b")
     other_part = record(9, key="k", part=1, rid="c")
     unkeyed = record(10, rid="d")
     batch = runs(first + copy + other_part + unkeyed)
-    keys = fence.record_keys(batch)
-    assert keys == [("pos", "k", 0), ("pos", "k", 1)]
-    kept = fence.first_of_fresh_keys(batch, set(keys))
-    assert fence.written(kept) == {"a": 2, "c": 2, "d": 2}
+    keyed = fence.KeyedRecords(batch, WINDOW)
+    assert keyed.probes() == [("pos", "k", 0, MS0), ("pos", "k", 1, MS0)]
+    store = Store(WINDOW)
+    store.decide(keyed)
+    assert fence.written(keyed.stored(batch)) == {"a": 2, "c": 2, "d": 2}
+    assert store.rounds == 1  # the copy, received with the first, cannot be new: not asked
 
 
 def test_a_key_already_recorded_drops_its_records():
     batch = runs(record(3, key="old", rid="a") + record(4, key="new", rid="b"))
-    kept = fence.first_of_fresh_keys(batch, {("pos", "new", 0)})
-    assert fence.written(kept) == {"b": 2}
+    keyed = fence.KeyedRecords(batch, WINDOW)
+    Store(WINDOW, {("pos", "old", 0): MS0 - WINDOW}).decide(keyed)  # a window before: a copy
+    assert fence.written(keyed.stored(batch)) == {"b": 2}
+
+
+def test_a_key_recorded_more_than_a_window_before_is_a_new_request():
+    batch = runs(record(3, key="k", rid="a"))
+    keyed = fence.KeyedRecords(batch, WINDOW)
+    store = Store(WINDOW, {("pos", "k", 0): MS0 - WINDOW - 1})
+    store.decide(keyed)
+    assert fence.written(keyed.stored(batch)) == {"a": 2}
+    assert store.recorded == {("pos", "k", 0): MS0}  # moved forward
+
+
+def test_one_key_in_one_batch_a_request_its_copy_and_its_reuse_a_window_later():
+    """Records of a key in receive-time order: the first stored, a copy within the window
+    skipped, the key reused past that window stored (workers that lag hold them together)."""
+    day = timedelta(milliseconds=WINDOW)
+    later = record(5, key="k", rid="reuse", received=T0 + day + timedelta(milliseconds=1))
+    batch = runs(later + record(3, key="k", rid="first") + record(4, key="k", rid="copy",
+                                                                   received=T0 + day))
+    keyed = fence.KeyedRecords(batch, WINDOW)
+    store = Store(WINDOW)
+    store.decide(keyed)
+    assert fence.written(keyed.stored(batch)) == {"first": 2, "reuse": 2}
+    assert store.recorded == {("pos", "k", 0): MS0 + WINDOW + 1} and store.rounds == 2
+
+
+def test_a_recorded_key_with_copies_in_the_batch_asks_again_only_for_later_records():
+    """The first record is a copy of a request stored before (at R, unknown here): a later
+    record may still be more than a window past R, so it is asked; one received at the same
+    time may not."""
+    batch = runs(record(3, key="k", rid="copy") + record(4, key="k", rid="same")
+                 + record(5, key="k", rid="new", received=T0 + timedelta(seconds=2)))
+    keyed = fence.KeyedRecords(batch, WINDOW)
+    store = Store(WINDOW, {("pos", "k", 0): MS0 - WINDOW + 1000})
+    store.decide(keyed)
+    assert fence.written(keyed.stored(batch)) == {"new": 2} and store.rounds == 2
+
+
+def test_receive_times_in_milliseconds_are_exact():
+    ms = 1_790_000_000_123
+    origin = record(0, received=datetime.fromtimestamp(ms / 1000, UTC))[0].origin
+    assert fence.received_ms(origin) == ms
+    assert fence.prune_before(ms, WINDOW) == ms - 2 * WINDOW

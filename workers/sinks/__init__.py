@@ -11,15 +11,17 @@ from workers.sinks.base import (
 )
 
 
-def open_sink(url: str) -> Sink:
+def open_sink(url: str, key_window_s: int) -> Sink:
+    """``key_window_s``: how long the gateway keeps an Idempotency-Key
+    (SLUICE_IDEMPOTENCY_TTL_S; see fence.py)."""
     if url.startswith("sqlite:"):
         from workers.sinks.sqlite import SqliteSink
 
-        return SqliteSink(url)
+        return SqliteSink(url, key_window_s)
     if url.startswith(("postgresql:", "postgres:")):
         from workers.sinks.postgres import PostgresSink
 
-        return PostgresSink(url)
+        return PostgresSink(url, key_window_s)
     raise ValueError(f"STORAGE_URL {url!r}: use sqlite:///path or postgresql://...")
 
 

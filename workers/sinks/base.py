@@ -54,11 +54,17 @@ class Sink(Protocol):
 
     async def write(self, structure: Structure, rows: list[Row]) -> WriteResult:
         """Write rows in one transaction, exactly once in effect: a record's rows all in one
-        call, each partition's records in offset order (see fence.py)."""
+        call, each partition's records in offset order (see fence.py). The rows are shaped
+        by ``structure``, which may be older than the one prepared last (a batch shaped
+        before a catalogue reload): they go to that structure's columns."""
 
     async def refusals(self, structure: Structure, rows: list[Row]) -> list[str | None]:
         """Why the store would refuse each row written alone (None: it would not); nothing
         is written. The failure path of a write that raised StorageRefused."""
+
+    async def prune(self, now_ms: int) -> int:
+        """Delete the Idempotency-Key records of the append-only tables prepared that decide
+        nothing any more at ``now_ms`` (fence.prune_before); the number deleted."""
 
     async def close(self) -> None: ...
 

@@ -35,6 +35,10 @@ _TYPES = {"text": "text", "integer": "bigint", "number": "double precision",
           "boolean": "boolean", "timestamp": "timestamp with time zone", "date": "date",
           "json": "jsonb"}
 _STAGE = "_sluice_stage"
+# a key's receive time when a writer gives none (one of an earlier version, in a rolling
+# upgrade): the time it is recorded, which is later (a copy stays one for at least a window);
+# and the time of the migration for the keys recorded before there was this column
+_NOW_MS = "(extract(epoch FROM now()) * 1000)::bigint"
 _FENCE_TABLES = (
     f'CREATE TABLE IF NOT EXISTS {fence.OFFSETS_TABLE} (table_name text NOT NULL, '
     'topic text NOT NULL, "partition" integer NOT NULL, next_offset bigint NOT NULL, '
@@ -42,8 +46,16 @@ _FENCE_TABLES = (
     f"CREATE TABLE IF NOT EXISTS {fence.KEYS_TABLE} (table_name text NOT NULL, "
     "connector text NOT NULL, idempotency_key text NOT NULL, part integer NOT NULL, "
     "stored_at timestamp with time zone NOT NULL DEFAULT now(), "
+    f"received_ms bigint NOT NULL DEFAULT {_NOW_MS}, "
     "PRIMARY KEY (table_name, connector, idempotency_key, part))",
 )
+# for pruning (fence.prune_before); created on the tables of earlier versions too
+_KEYS_BY_TIME = (f"CREATE INDEX IF NOT EXISTS {fence.KEYS_TABLE}_received ON "
+                 f"{fence.KEYS_TABLE} (table_name, received_ms)")
+_KEYS_MIGRATED = (
+    "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = "
+    f"current_schema() AND table_name = '{fence.KEYS_TABLE}' AND column_name = 'received_ms') "
+    f"AND to_regclass('{fence.KEYS_TABLE}_received') IS NOT NULL")
 _NEW_FENCES = (
     f'INSERT INTO {fence.OFFSETS_TABLE} (table_name, topic, "partition", next_offset) '
     "SELECT $1, t, p, 0 FROM unnest($2::text[], $3::int[]) AS u(t, p) ORDER BY t, p "
@@ -52,11 +64,20 @@ _LOCK_FENCES = (
     f'SELECT topic, "partition", next_offset FROM {fence.OFFSETS_TABLE} WHERE table_name = $1 '
     'AND (topic, "partition") IN (SELECT t, p FROM unnest($2::text[], $3::int[]) AS u(t, p)) '
     'ORDER BY topic, "partition" FOR UPDATE')
+# the new requests (fence.KeyedRecords): keys not recorded, or recorded over a window ($6)
+# before. A key's row is locked either way (DO UPDATE locks before it checks the WHERE), so a
+# later round of the batch takes no new lock.
 _RECORD_KEYS = (
-    f"INSERT INTO {fence.KEYS_TABLE} (table_name, connector, idempotency_key, part) "
-    "SELECT $1, c, k, p FROM unnest($2::text[], $3::text[], $4::int[]) AS u(c, k, p) "
+    f"INSERT INTO {fence.KEYS_TABLE} AS i (table_name, connector, idempotency_key, part, "
+    "received_ms) SELECT $1, c, k, p, r FROM unnest($2::text[], $3::text[], $4::int[], "
+    "$5::bigint[]) AS u(c, k, p, r) "
     "ORDER BY c, k, p "  # one lock order for workers recording the same keys (retries)
-    "ON CONFLICT DO NOTHING RETURNING connector, idempotency_key, part")
+    "ON CONFLICT (table_name, connector, idempotency_key, part) DO UPDATE SET "
+    "received_ms = EXCLUDED.received_ms, stored_at = now() "
+    "WHERE EXCLUDED.received_ms - i.received_ms > $6 "
+    "RETURNING connector, idempotency_key, part")
+_PRUNE = (f"DELETE FROM {fence.KEYS_TABLE} WHERE ctid = ANY(ARRAY(SELECT ctid FROM "
+          f"{fence.KEYS_TABLE} WHERE table_name = $1 AND received_ms < $2 LIMIT $3))")
 _ADVANCE_FENCES = (
     f"UPDATE {fence.OFFSETS_TABLE} AS f SET next_offset = u.n "
     "FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, n) "
@@ -150,11 +171,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 class PostgresSink:
-    def __init__(self, url: str):
+    def __init__(self, url: str, key_window_s: int):
         self.url = url
+        self._window_ms = key_window_s * 1000  # fence.KeyedRecords
         self._pool: asyncpg.Pool | None = None
-        # per table: the merge statement (None: fenced append) and the column names
-        self._sql: dict[str, tuple[str | None, list[str]]] = {}
+        # per table: whether it has the unique key of tables created before offset fences
+        self._legacy: dict[str, bool] = {}
+        # per table: the structure last prepared, the merge statement of its rows (None: a
+        # fenced append) and their column names (_statement)
+        self._sql: dict[str, tuple[Structure, str | None, list[str]]] = {}
+        self._keys_ready = False  # the fence tables exist in their current form
 
     async def start(self) -> None:
         try:
@@ -218,16 +244,46 @@ class PostgresSink:
                 for name, kind in check_columns(table, existing, columns, pg_type):
                     await conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)} "
                                        f"{pg_type(kind)}")
-            merge = True
+            legacy = False
             if conflict_target(structure) is None:
-                merge = await conn.fetchval(_HAS_UNIQUE, quote(table), list(LEGACY_APPEND_KEY))
-                if merge:  # created before fences: its unique keys keep it exactly once
+                legacy = await conn.fetchval(_HAS_UNIQUE, quote(table), list(LEGACY_APPEND_KEY))
+                if legacy:  # created before fences: its unique keys keep it exactly once
                     await conn.execute(legacy_idempotency_index_sql(table))
-                else:
-                    for sql in _FENCE_TABLES:
-                        await conn.execute(sql)
-        self._sql[table] = (self._merge_sql(structure, columns) if merge else None,
-                            [n for n, _ in columns])
+                elif not self._keys_ready:
+                    await _fence_tables(conn)
+        self._legacy[table] = legacy
+        self._sql[table] = self._plan(structure)
+        self._keys_ready = self._keys_ready or self._sql[table][1] is None
+
+    def _statement(self, structure: Structure) -> tuple[Structure, str | None, list[str]]:
+        """How rows shaped by ``structure`` are written: the plan of the structure last
+        prepared, or for rows shaped before a catalogue reload (a batch in flight, or a reload
+        that failed at another dataset, so the worker keeps the catalogue it has) their own
+        structure's, so each value goes to its own column (the table has them all: a reload
+        only adds columns)."""
+        prepared = self._sql[structure.dataset.id]
+        return prepared if prepared[0] is structure else self._plan(structure)
+
+    def _plan(self, structure: Structure) -> tuple[Structure, str | None, list[str]]:
+        columns = table_columns(structure)
+        merge = conflict_target(structure) is not None or self._legacy[structure.dataset.id]
+        return (structure, self._merge_sql(structure, columns) if merge else None,
+                [n for n, _ in columns])
+
+    async def prune(self, now_ms: int, chunk: int = 10_000) -> int:
+        """Delete the Idempotency-Key records of this sink's append-only tables that decide
+        nothing any more (fence.prune_before), ``chunk`` rows per transaction: a writer
+        waits for one chunk at most. The rows deleted."""
+        before = fence.prune_before(now_ms, self._window_ms)
+        deleted = 0
+        for table in [table for table, (_, sql, _) in list(self._sql.items()) if sql is None]:
+            while True:
+                async with self._transaction() as conn:
+                    n = int((await conn.execute(_PRUNE, table, before, chunk)).split()[-1])
+                deleted += n
+                if n < chunk:
+                    break
+        return deleted
 
     def _merge_sql(self, structure: Structure, columns: list[tuple[str, str]]) -> str:
         table = quote(structure.dataset.id)
@@ -260,9 +316,9 @@ class PostgresSink:
     async def _write_in(self, conn: asyncpg.Connection, structure: Structure,
                         rows: list[Row]) -> WriteResult:
         table = structure.dataset.id
-        sql, names = self._sql[table]
+        _, sql, names = self._statement(structure)
         if sql is None:
-            return WriteResult(await _append(conn, table, names, rows))
+            return WriteResult(await _append(conn, table, names, rows, self._window_ms))
         await conn.execute(f"CREATE TEMP TABLE {_STAGE} (LIKE {quote(table)}) "
                            "ON COMMIT DROP")
         await conn.copy_records_to_table(
@@ -284,19 +340,40 @@ class PostgresSink:
         return out
 
 
+async def _fence_tables(conn: asyncpg.Connection) -> None:
+    """Create the fence tables, or bring those of an earlier version up to date: the keys it
+    recorded get the time of this migration as their receive time, so they stay copies for
+    one window (0 would let a late copy through). Looked up first: the DDL locks the table
+    against every writer, and most starts have nothing to do."""
+    if await conn.fetchval(_KEYS_MIGRATED):
+        return
+    # one migration at a time across worker processes (each holds its own table's lock)
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", fence.KEYS_TABLE)
+    for sql in _FENCE_TABLES:
+        await conn.execute(sql)
+    # a default that is not volatile is evaluated once, and fills the rows without rewriting
+    # the table (PostgreSQL 11 and later)
+    await conn.execute(f"ALTER TABLE {fence.KEYS_TABLE} ADD COLUMN IF NOT EXISTS received_ms "
+                       f"bigint NOT NULL DEFAULT {_NOW_MS}")
+    await conn.execute(_KEYS_BY_TIME)
+
+
 async def _append(conn: asyncpg.Connection, table: str, names: list[str],
-                  rows: list[Row]) -> Counter:
+                  rows: list[Row], window_ms: int) -> Counter:
     """COPY the rows not stored yet straight into the table, behind the offset fences."""
     batch = runs(rows)
     topics, numbers = map(list, zip(*fence.partitions(batch), strict=True))
     await conn.execute(_NEW_FENCES, table, topics, numbers)
     fences = {(t, p): n for t, p, n in await conn.fetch(_LOCK_FENCES, table, topics, numbers)}
     fresh = fence.above(batch, fences)
-    keys = fence.record_keys(fresh)
-    if keys:
-        connectors, tokens, parts = map(list, zip(*keys, strict=True))
-        recorded = await conn.fetch(_RECORD_KEYS, table, connectors, tokens, parts)
-        fresh = fence.first_of_fresh_keys(fresh, {tuple(r) for r in recorded})
+    keyed = fence.KeyedRecords(fresh, window_ms)
+    if probes := keyed.probes():
+        while probes:  # one round, unless a key has several records in the batch
+            connectors, tokens, parts, times = map(list, zip(*probes, strict=True))
+            keyed.recorded(tuple(r) for r in await conn.fetch(
+                _RECORD_KEYS, table, connectors, tokens, parts, times, window_ms))
+            probes = keyed.probes()
+        fresh = keyed.stored(fresh)
     if fresh:
         await conn.copy_records_to_table(table, records=table_rows(rows, fresh, timestamptz_to_pg),
                                          columns=names)

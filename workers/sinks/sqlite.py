@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
@@ -39,15 +40,31 @@ _TYPES = {"text": "TEXT", "integer": "INTEGER", "number": "REAL", "boolean": "IN
           "timestamp": "TEXT", "date": "TEXT", "json": "TEXT"}
 
 
+_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+# a key's receive time when a writer gives none (one of an earlier version): the time it is
+# recorded, which is later (a copy stays one for at least a window)
+_NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 _FENCE_TABLES = (
     f"CREATE TABLE IF NOT EXISTS {fence.OFFSETS_TABLE} (table_name TEXT NOT NULL, "
     "topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, "
     "PRIMARY KEY (table_name, topic, partition))",
     f"CREATE TABLE IF NOT EXISTS {fence.KEYS_TABLE} (table_name TEXT NOT NULL, "
     "connector TEXT NOT NULL, idempotency_key TEXT NOT NULL, part INTEGER NOT NULL, "
-    "stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), "
+    f"stored_at TEXT NOT NULL DEFAULT ({_NOW}), received_ms INTEGER NOT NULL DEFAULT "
+    f"({_NOW_MS}), "
     "PRIMARY KEY (table_name, connector, idempotency_key, part))",
 )
+# for pruning (fence.prune_before); created on the tables of earlier versions too
+_KEYS_BY_TIME = (f"CREATE INDEX IF NOT EXISTS {fence.KEYS_TABLE}_received ON "
+                 f"{fence.KEYS_TABLE} (table_name, received_ms)")
+# a new request (fence.KeyedRecords): its key not recorded, or recorded over a window before
+_RECORD_KEY = (
+    f"INSERT INTO {fence.KEYS_TABLE} (table_name, connector, idempotency_key, part, "
+    "received_ms) VALUES (?, ?, ?, ?, ?) ON CONFLICT (table_name, connector, idempotency_key, "
+    f"part) DO UPDATE SET received_ms = excluded.received_ms, stored_at = {_NOW} "
+    "WHERE excluded.received_ms - received_ms > ?")
+_PRUNE = (f"DELETE FROM {fence.KEYS_TABLE} WHERE rowid IN (SELECT rowid FROM {fence.KEYS_TABLE} "
+          "WHERE table_name = ? AND received_ms < ? LIMIT ?)")
 
 
 def sqlite_type(kind: str) -> str:
@@ -77,12 +94,17 @@ def path_of(url: str) -> Path:
 
 
 class SqliteSink:
-    def __init__(self, url: str):
+    def __init__(self, url: str, key_window_s: int):
         self.path = path_of(url)
+        self._window_ms = key_window_s * 1000  # fence.KeyedRecords
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
-        # per table: the insert statement, and whether offset fences keep it exactly once
-        self._sql: dict[str, tuple[str, bool]] = {}
+        # per table: whether it has the unique key of tables created before offset fences
+        self._legacy: dict[str, bool] = {}
+        # per table: the structure last prepared, the insert statement of its rows, and
+        # whether offset fences keep the table exactly once (_statement)
+        self._sql: dict[str, tuple[Structure, str, bool]] = {}
+        self._keys_ready = False  # the fence tables exist in their current form
         _register_adapters()
 
     async def _run(self, fn, *args):
@@ -131,16 +153,47 @@ class SqliteSink:
                 for name, kind in check_columns(table, existing, columns, sqlite_type):
                     self._conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)} "
                                        f"{sqlite_type(kind)}")
-            fenced = False
+            legacy = False
             if conflict_target(structure) is None:
-                if self._has_unique(table, LEGACY_APPEND_KEY):
+                legacy = self._has_unique(table, LEGACY_APPEND_KEY)
+                if legacy:
                     # created before fences: its unique keys keep it exactly once
                     self._conn.execute(legacy_idempotency_index_sql(table))
-                else:
-                    fenced = True
-                    for sql in _FENCE_TABLES:
-                        self._conn.execute(sql)
-        self._sql[table] = (self._insert_sql(structure, columns, fenced), fenced)
+                elif not self._keys_ready:
+                    self._fence_tables()
+        self._legacy[table] = legacy
+        self._sql[table] = self._plan(structure)
+        self._keys_ready = self._keys_ready or self._sql[table][2]
+
+    def _statement(self, structure: Structure) -> tuple[Structure, str, bool]:
+        """How rows shaped by ``structure`` are written: the plan of the structure last
+        prepared, or for rows shaped before a catalogue reload (a batch in flight, or a reload
+        that failed at another dataset, so the worker keeps the catalogue it has) their own
+        structure's, so each value goes to its own column (the table has them all: a reload
+        only adds columns)."""
+        prepared = self._sql[structure.dataset.id]
+        return prepared if prepared[0] is structure else self._plan(structure)
+
+    def _plan(self, structure: Structure) -> tuple[Structure, str, bool]:
+        fenced = (conflict_target(structure) is None
+                  and not self._legacy[structure.dataset.id])
+        sql = self._insert_sql(structure, table_columns(structure), fenced)
+        return structure, sql, fenced
+
+    def _fence_tables(self) -> None:
+        """Create the fence tables, or bring those of an earlier version up to date: the keys
+        it recorded get the time of this migration as their receive time, so they stay
+        copies for one window (0 would let a late copy through)."""
+        assert self._conn is not None
+        for sql in _FENCE_TABLES:
+            self._conn.execute(sql)
+        have = {r[1] for r in self._conn.execute(f"PRAGMA table_info({fence.KEYS_TABLE})")}
+        if "received_ms" not in have:
+            # a constant default (SQLite adds no other) fills the rows without rewriting
+            # them; it stays in the schema, and this version's inserts give the value
+            self._conn.execute(f"ALTER TABLE {fence.KEYS_TABLE} ADD COLUMN received_ms "
+                               f"INTEGER NOT NULL DEFAULT {time.time_ns() // 1_000_000}")
+        self._conn.execute(_KEYS_BY_TIME)
 
     def _has_unique(self, table: str, columns: tuple[str, ...]) -> bool:
         """Is there a unique index over exactly these columns, in this order?"""
@@ -180,7 +233,7 @@ class SqliteSink:
     def _write_in(self, structure: Structure, rows: list[Row]) -> WriteResult:
         assert self._conn is not None
         table = structure.dataset.id
-        sql, fenced = self._sql[table]
+        _, sql, fenced = self._statement(structure)
         if fenced:
             return WriteResult(fence.written(self._append(table, sql, rows)))
         by_request: dict[str | None, list[tuple]] = {}
@@ -214,6 +267,25 @@ class SqliteSink:
                 out.append(described(exc))
         return out
 
+    async def prune(self, now_ms: int, chunk: int = 10_000) -> int:
+        """Delete the Idempotency-Key records of this sink's append-only tables that decide
+        nothing any more (fence.prune_before), ``chunk`` rows per transaction: a writer
+        waits for one chunk at most. The rows deleted."""
+        before = fence.prune_before(now_ms, self._window_ms)
+        deleted = 0
+        for table in [table for table, (_, _, fenced) in list(self._sql.items()) if fenced]:
+            while True:
+                n = await self._run(self._prune, table, before, chunk)
+                deleted += n
+                if n < chunk:
+                    break
+        return deleted
+
+    def _prune(self, table: str, before: int, chunk: int) -> int:
+        assert self._conn is not None
+        with self._conn:
+            return self._conn.execute(_PRUNE, (table, before, chunk)).rowcount
+
     def _append(self, table: str, sql: str, rows: list[Row]) -> list[fence.Run]:
         """Insert the rows not stored yet, behind the offset fences; the records inserted."""
         assert self._conn is not None
@@ -228,12 +300,13 @@ class SqliteSink:
             f"SELECT next_offset FROM {fence.OFFSETS_TABLE} WHERE table_name = ? AND topic = ? "
             "AND partition = ?", (table, t, p)).fetchone()[0] for t, p in parts}
         fresh = fence.above(batch, fences)
-        keys = fence.record_keys(fresh)
-        if keys:
-            recorded = {key for key in keys if conn.execute(
-                f"INSERT OR IGNORE INTO {fence.KEYS_TABLE} (table_name, connector, "
-                "idempotency_key, part) VALUES (?, ?, ?, ?)", (table, *key)).rowcount}
-            fresh = fence.first_of_fresh_keys(fresh, recorded)
+        keyed = fence.KeyedRecords(fresh, self._window_ms)
+        if probes := keyed.probes():
+            while probes:  # one round, unless a key has several records in the batch
+                keyed.recorded([(c, k, p) for c, k, p, ms in probes if conn.execute(
+                    _RECORD_KEY, (table, c, k, p, ms, self._window_ms)).rowcount])
+                probes = keyed.probes()
+            fresh = keyed.stored(fresh)
         conn.executemany(sql, table_rows(rows, fresh, timestamp_text))
         conn.executemany(f"UPDATE {fence.OFFSETS_TABLE} SET next_offset = ? WHERE "
                          "table_name = ? AND topic = ? AND partition = ? AND next_offset < ?",
