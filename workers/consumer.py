@@ -61,6 +61,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self._catalogue_stamp: tuple = ()
         self.batches = 0
+        self._lag_shown: set[TopicPartition] = set()  # partitions whose lag this process sets
 
     # -- catalogue ---------------------------------------------------------------------------
 
@@ -130,6 +131,7 @@ class Worker:
                      self.settings.storage_url.split("@")[-1])
             while not self.stopping.is_set():
                 batch = await self._poll()
+                self._forget_lost_lag()
                 if batch:
                     await self._handle(batch)
         except _Abandoned as exc:
@@ -264,6 +266,20 @@ class Worker:
             if highwater is not None:
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
                     max(0, highwater - committed))
+                self._lag_shown.add(tp)
+
+    def _forget_lost_lag(self) -> None:
+        """A partition a rebalance took reads 0 here: its new owner shows its lag. (Left
+        as it was, the last value stayed for good and summed into the alerts' lag.) Set to
+        0, not removed: the multiprocess collector would still read the value from this
+        process's file, and keeps the most recent one of the processes."""
+        if not self._lag_shown:
+            return
+        assert self.consumer is not None
+        lost = self._lag_shown - self.consumer.assignment()
+        for tp in lost:
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(0)
+        self._lag_shown -= lost
 
     # -- the steps ---------------------------------------------------------------------------
 

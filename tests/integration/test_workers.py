@@ -14,7 +14,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas import jsontext
+from schemas import jsontext, metrics
 from schemas import records as r
 from schemas.dataset import Limits, parse_dataset
 from schemas.structure import Structure
@@ -255,6 +255,44 @@ async def test_a_rebalance_inside_a_poll_puts_no_record_in_the_batch_twice(gatew
         await worker.dlq.stop()
         await worker.sink.close()
         await worker.redis.aclose()
+
+
+async def test_the_lag_of_a_partition_a_rebalance_took_reads_zero_here(gateway, tmp_path):
+    """The lag gauge of a partition a rebalance moved to another worker kept its last value
+    for good: summed with the new owner's, it fired the lag alerts while nothing lagged."""
+    storage = f"sqlite:///{tmp_path}/lag.db"
+    producer = AIOKafkaProducer(bootstrap_servers=gateway.bootstrap, acks="all",
+                                enable_idempotence=False)
+    await producer.start()
+    try:
+        for n in range(20):  # dataset "other": append-only, any object
+            await producer.send(gateway.other_topic, orjson.dumps({"n": n}), partition=n % 2)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    group = f"lag-{uuid.uuid4().hex[:6]}"
+    topic = gateway.other_topic
+    joining = AIOKafkaConsumer(topic, bootstrap_servers=gateway.bootstrap, group_id=group,
+                               enable_auto_commit=False, session_timeout_ms=3000,
+                               heartbeat_interval_ms=1000)
+    async with Running(gateway, storage, group) as running:
+        await wait_for(lambda: _equals(count(storage, "other"), 20), timeout=30)
+        lag = {p: metrics.CONSUMER_LAG.labels(topic, str(p)) for p in (0, 1)}
+        for gauge in lag.values():
+            gauge.set(7)  # as shown while it lagged
+        await joining.start()  # a rebalance: one partition moves to the new member
+        try:
+            async def one_moved() -> bool:
+                kept = {tp.partition for tp in running.worker.consumer.assignment()
+                        if tp.topic == topic}
+                return len(kept) == 1 and lag[1 - kept.pop()]._value.get() == 0
+
+            await wait_for(one_moved, timeout=30)
+            kept = next(tp.partition for tp in running.worker.consumer.assignment()
+                        if tp.topic == topic)
+            assert lag[kept]._value.get() == 7  # its own partition: as it was
+        finally:
+            await joining.stop()
 
 
 async def test_an_idempotency_key_reused_after_the_gateway_forgot_it_is_stored(
