@@ -214,21 +214,27 @@ async def test_a_worker_told_to_stop_while_redis_is_away_stops_and_commits_nothi
     assert await count(storage) == 10
 
 
+async def _over_two_partitions(gateway, events: int) -> None:
+    """``events`` objects into dataset "other" (append-only, any object), alternately into
+    partitions 0 and 1."""
+    producer = AIOKafkaProducer(bootstrap_servers=gateway.bootstrap, acks="all",
+                                enable_idempotence=False)
+    await producer.start()
+    try:
+        for n in range(events):
+            await producer.send(gateway.other_topic, orjson.dumps({"n": n}), partition=n % 2)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
 async def test_a_rebalance_inside_a_poll_puts_no_record_in_the_batch_twice(gateway, tmp_path):
     """A poll is several fetches. aiokafka starts a new assignment at every rebalance, and a
     partition the worker keeps is fetched again from its committed offset: a rebalance
     between two fetches put those records in the batch twice, and an append-only table
     (offset fences compare with the stored fence only) stored each twice."""
     storage = f"sqlite:///{tmp_path}/rebalance.db"
-    producer = AIOKafkaProducer(bootstrap_servers=gateway.bootstrap, acks="all",
-                                enable_idempotence=False)
-    await producer.start()
-    try:
-        for n in range(200):  # dataset "other": append-only, any object
-            await producer.send(gateway.other_topic, orjson.dumps({"n": n}), partition=n % 2)
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await _over_two_partitions(gateway, 200)
     group = f"rebalance-{uuid.uuid4().hex[:6]}"
     worker = Running(gateway, storage, group, WORKER_BATCH_MS="8000").worker
     joining = AIOKafkaConsumer(gateway.other_topic, bootstrap_servers=gateway.bootstrap,
@@ -261,15 +267,7 @@ async def test_the_lag_of_a_partition_a_rebalance_took_reads_zero_here(gateway, 
     """The lag gauge of a partition a rebalance moved to another worker kept its last value
     for good: summed with the new owner's, it fired the lag alerts while nothing lagged."""
     storage = f"sqlite:///{tmp_path}/lag.db"
-    producer = AIOKafkaProducer(bootstrap_servers=gateway.bootstrap, acks="all",
-                                enable_idempotence=False)
-    await producer.start()
-    try:
-        for n in range(20):  # dataset "other": append-only, any object
-            await producer.send(gateway.other_topic, orjson.dumps({"n": n}), partition=n % 2)
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await _over_two_partitions(gateway, 20)
     group = f"lag-{uuid.uuid4().hex[:6]}"
     topic = gateway.other_topic
     joining = AIOKafkaConsumer(topic, bootstrap_servers=gateway.bootstrap, group_id=group,
