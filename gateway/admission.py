@@ -145,6 +145,7 @@ class Verdict(IntEnum):
     REPLAY = 4
 
 
+_RELEASE_RETRIES_S = (0.2, 0.5, 1.0, 2.0, 4.0)  # 7.7 s: well within a lock's TTL
 _VERDICTS = tuple(Verdict)  # by value, without IntEnum's lookup on every request
 
 
@@ -173,6 +174,7 @@ class Admitter:
         self._lock_ttl_ms = lock_ttl_s * 1000
         self._retention_ms = retention_s * 1000
         self._admits = Coalescer(self._send_admits)
+        self._releasing: set[asyncio.Task] = set()
         self._completes = Coalescer(self._send_completes)
 
     async def admit(self, bucket: str, rate: RateLimit, idem_key: str | None,
@@ -202,6 +204,8 @@ class Admitter:
                                         (idem_key, fingerprint, owner))
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("admit").inc()
+            if idem_key is not None:
+                self._release_later(idem_key, owner)
             raise RedisUnavailable(headers={"Retry-After": "1"}) from exc
         replay = result[3] if len(result) > 3 else None
         return Admission(_VERDICTS[result[0]], int(result[1]), int(result[2]), replay)
@@ -241,6 +245,32 @@ class Admitter:
         for _, owner, stored in calls:
             args += (owner, stored)
         return self._complete([key for key, _, _ in calls], args)
+
+    def _release_later(self, idem_key: str, owner: str) -> None:
+        """The admission failed on our side, but Redis may have run it (the answer was lost,
+        a timeout): then our claim is pending, and the client's retries would get 409 until
+        the lock expires. Released in the background once Redis answers again, a few tries
+        (only our own claim: the owner is this call's)."""
+        task = asyncio.get_running_loop().create_task(self._release_soon(idem_key, owner))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_soon(self, idem_key: str, owner: str) -> None:
+        for delay in _RELEASE_RETRIES_S:
+            await asyncio.sleep(delay)
+            try:
+                await self._release([idem_key], [owner])
+                return
+            except RedisError:
+                continue
+        log.warning("could not release an idempotency claim after a failed admission; it "
+                    "expires with its lock TTL")
+
+    async def close(self) -> None:
+        """Stop the background releases (a claim left expires with its lock TTL)."""
+        for task in list(self._releasing):
+            task.cancel()
+        await asyncio.gather(*self._releasing, return_exceptions=True)
 
     async def release(self, idem_key: str, owner: str) -> None:
         """Drop our pending claim so a retry is processed; best effort (it expires anyway)."""

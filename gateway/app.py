@@ -121,6 +121,7 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
         yield
         await accountant.stop()
         await publisher.stop()
+        await admitter.close()
         await scripts.close()
         await redis.aclose()
 

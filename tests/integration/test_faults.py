@@ -206,3 +206,30 @@ async def test_a_broker_unreachable_past_bootstrap_leaves_the_gateway_up_and_not
         assert int(resp.headers["Retry-After"]) >= 1
     finally:
         broker.close()
+
+
+async def test_a_claim_left_by_a_failed_admission_is_released_once_redis_answers(
+        make_gateway, own_redis):
+    """Redis stalled past the client's timeout, then ran the admission it had queued: the
+    claim was pending under a call that had answered 503, and the client's retries got 409
+    until the lock expired. The gateway releases it in the background once Redis answers."""
+    server = own_redis()
+    gw = await make_gateway(redis=server.url)  # REDIS_TIMEOUT_S 0.5, lock TTL 10 s
+    assert (await gw.post(orjson.dumps(ITEMS))).status == 202  # connected, scripts loaded
+    body = orjson.dumps(ITEMS[:1])
+    server.pause()
+    try:
+        resp = await gw.post(body, **{"Idempotency-Key": "lost-answer"})
+        await assert_problem(resp, 503, "REDIS_UNAVAILABLE")
+    finally:
+        server.resume()  # it runs the queued admission now: the claim is taken
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5  # well before the lock's TTL lets the retry through anyway
+    while True:
+        retry = await gw.post(body, **{"Idempotency-Key": "lost-answer"})
+        if retry.status == 202:
+            break
+        await assert_problem(retry, 409, "IDEMPOTENCY_KEY_IN_USE")
+        assert loop.time() < deadline, "the claim was not released"
+        await asyncio.sleep(0.2)
+    assert events(await gw.published()) == ITEMS + ITEMS[:1]
