@@ -15,6 +15,7 @@ claim expires after the lock TTL, so a crashed process never blocks a key for go
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from asyncio import Future
@@ -256,15 +257,14 @@ class Admitter:
         task.add_done_callback(self._releasing.discard)
 
     async def _release_soon(self, idem_key: str, owner: str) -> None:
+        # Until a release finds the claim: the late admission may run after a first release
+        # (it was sent on the connection the timeout closed, the release on a new one), or
+        # never (then every try finds nothing, and costs a script call).
         for delay in _RELEASE_RETRIES_S:
             await asyncio.sleep(delay)
-            try:
-                await self._release([idem_key], [owner])
-                return
-            except RedisError:
-                continue
-        log.warning("could not release an idempotency claim after a failed admission; it "
-                    "expires with its lock TTL")
+            with contextlib.suppress(RedisError):
+                if await self._release([idem_key], [owner]):
+                    return
 
     async def close(self) -> None:
         """Stop the background releases (a claim left expires with its lock TTL)."""
