@@ -113,40 +113,83 @@ def _entry(raw: dict[bytes, bytes], errors: list[bytes]) -> dict[str, Any]:
 # would be faster, but needs every key readable under ACLs, and Redis Cluster refuses it).
 _VISIBLE = """
 local allowed = {}
-for i = 4, #ARGV do allowed[ARGV[i]] = true end
+for i = 5, #ARGV do allowed[ARGV[i]] = true end
 local first = tonumber(ARGV[2])
-local last = first + tonumber(ARGV[3])
+local size = tonumber(ARGV[3])
+local after = ARGV[4]  -- a cursor: the page starts after this entry ('' for none)
 local seen, page = 0, {}
 for _, id in ipairs(redis.call('ZREVRANGE', KEYS[1], 0, -1)) do
   local dataset = redis.call('HGET', ARGV[1] .. id, 'dataset')
   if dataset and allowed[dataset] then
-    if seen >= first and seen < last then page[#page + 1] = id end
     seen = seen + 1
+    if id == after then
+      first, after = seen, ''
+    elseif after == '' and seen > first and #page < size then
+      page[#page + 1] = id
+    end
   end
 end
-return {seen, page}
+if after ~= '' then return {-1, {}} end
+return {seen, page, first}
+"""
+
+# One page after a cursor, for a key that sees every entry: the cursor's rank and the page
+# read at once (a rank read apart would shift with every entry written in between).
+# KEYS: the log. ARGV: the cursor (a request id), page size.
+_AFTER = """
+local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
+if not rank then return {-1, {}, 0} end
+return {redis.call('ZCARD', KEYS[1]),
+        redis.call('ZREVRANGE', KEYS[1], rank + 1, rank + tonumber(ARGV[2])), rank + 1}
 """
 
 
 async def _page_ids(redis: Redis, connector: str, principal: Principal, start: int,
-                    size: int) -> tuple[int, list[str]]:
+                    size: int, after: str | None) -> tuple[int, list[str], int]:
     """How many entries of the connector's log ``principal`` may see, and the request ids of
     one page of them, newest first. An admin key sees every entry, and so does the connector
     itself (each is a request it sent; its own log needs no filter, the usual read); any
     other key only those of the datasets it may write (a connector's log holds every
     dataset it sent to), and ``from``, ``size`` and the total count those, so a page is never
-    short and never skips an entry for the ones left out."""
+    short and never skips an entry for the ones left out. ``after`` (a request id the key
+    sees) starts the page after that entry instead of at ``start``; the offset the page
+    starts at is returned too."""
     log_key = o.connector_log_key(connector)
     if principal.admin or principal.key_id == connector:
-        total = await redis.zcard(log_key)
-        ids = await redis.zrevrange(log_key, start, start + size - 1)
-        return total, [rid.decode() for rid in ids]
+        if after is not None:
+            total, ids, start = await redis.register_script(_AFTER)(
+                keys=[log_key], args=[after, size])
+            _check_cursor(total, after)
+        else:
+            total = await redis.zcard(log_key)
+            ids = await redis.zrevrange(log_key, start, start + size - 1)
+        return total, [rid.decode() for rid in ids], start
     if not principal.datasets:
-        return 0, []
-    total, ids = await redis.register_script(_VISIBLE)(
-        keys=[log_key], args=[o.request_key(connector, ""), start, size,
+        _check_cursor(-1 if after is not None else 0, after)
+        return 0, [], start
+    total, ids, *first = await redis.register_script(_VISIBLE)(
+        keys=[log_key], args=[o.request_key(connector, ""), start, size, after or "",
                               *sorted(principal.datasets)])
-    return total, [rid.decode() for rid in ids]
+    _check_cursor(total, after)
+    return total, [rid.decode() for rid in ids], first[0]
+
+
+def _check_cursor(total: int, after: str | None) -> None:
+    if total < 0:
+        raise InvalidParameter(f"after: no entry {after!r} in this log that this key may see "
+                               "(trimmed, or never logged)")
+
+
+def _cursor(request: web.Request) -> str | None:
+    """The ``after`` query parameter: a request id; exclusive with ``from``."""
+    after = request.query.get("after")
+    if after is None:
+        return None
+    if "from" in request.query:
+        raise InvalidParameter("after and from cannot be given together")
+    if not after or len(after) > 256:
+        raise InvalidParameter("after must be the request id of an entry (1-256 characters)")
+    return after
 
 
 async def connector_logs(request: web.Request) -> web.Response:
@@ -160,8 +203,10 @@ async def connector_logs(request: web.Request) -> web.Response:
             or (datasets and principal.datasets & datasets)):
         raise Forbidden(f"this key may not read connector {connector!r}'s log")
     start, size = page(request)
+    after = _cursor(request)
     try:
-        total, ids = await _page_ids(state.redis, connector, principal, start, size)
+        total, ids, start = await _page_ids(state.redis, connector, principal, start, size,
+                                            after)
         pipe = state.redis.pipeline(transaction=False)
         for rid in ids:
             pipe.hgetall(o.request_key(connector, rid))
@@ -171,8 +216,10 @@ async def connector_logs(request: web.Request) -> web.Response:
         raise RedisUnavailable(headers={"Retry-After": "1"}) from exc
     entries = [_entry(results[i], results[i + 1]) for i in range(0, len(results), 2)
                if results[i]]
+    more = ids and start + len(ids) < total
     return web.json_response({"connector": connector, "total": total, "from": start,
-                              "size": size, "entries": entries})
+                              "size": size, "entries": entries,
+                              "next": ids[-1] if more else None})
 
 
 def setup(app: web.Application) -> None:

@@ -30,7 +30,8 @@ SPEC = ROOT / "docs" / "openapi.yaml"
 # Requests reach real data: the dataset, connector and ingestion session that exist. A push or
 # chunk that schemathesis calls valid may still get a 400: it cannot write gzip bodies for the
 # Content-Encoding it picks, and any X-Item-Key is refused by a dataset without an item key.
-# It also sends one Idempotency-Key with different bodies, which is refused with 422.
+# It also sends one Idempotency-Key with different bodies, which is refused with 422, and log
+# cursors (`after`) of its own making, which name no entry: 400.
 # (One worker: hypothesis describes its strategies with ast.parse, which CPython 3.11 does not
 # make safe across threads.)
 CONFIG = """\
@@ -45,6 +46,10 @@ headers = {{ Authorization = "Bearer {key}" }}
 include-name = ["POST /v1/datasets/{{dataset}}/events",
                 "POST /v1/ingestions/{{ingestion_id}}/chunks"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", 400, 401, 403, 404, 409, 422, 429]
+
+[[operations]]
+include-name = "GET /v1/connectors/{{connector}}/logs"
+checks.positive_data_acceptance.expected-statuses = ["2xx", 400, 401, 403, 404]
 
 [[operations]]
 include-name = "POST /v1/ingestions"

@@ -262,3 +262,59 @@ async def test_a_connectors_log_shows_other_keys_only_the_datasets_they_may_writ
         assert resp.status == 200 and (await resp.json())["total"] == 0
     finally:
         await till_client.close()
+
+
+async def test_paging_after_a_cursor_neither_repeats_nor_skips_while_entries_arrive(
+        make_gateway):
+    """Offsets shift as new entries arrive (newest first): page two repeated page one's
+    last entry. ``after`` (the ``next`` of the page before) starts after that entry, for
+    the connector's own key (every entry) and another key (its datasets' entries)."""
+    admin = new_key("ops")
+    gw = await make_gateway(datasets=(JOURNAL,), SLUICE_ADMIN_KEYS=f"ops:{hash_key(admin)}")
+
+    async def push(rid: str, dataset: str = "sales") -> None:
+        body = {"region": rid, "revenue": 1} if dataset == "sales" else {"account": 1}
+        resp = await gw.post(orjson.dumps(body), dataset=dataset, **{"X-Request-ID": rid})
+        assert resp.status in (202, 400)
+
+    async def log(client, key: str, query: str) -> dict:
+        resp = await client.get(f"/v1/connectors/pos/logs{query}",
+                                headers={"Authorization": f"Bearer {key}"})
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+    for i in range(5):
+        await push(f"old{i}")
+        await push(f"jold{i}", "journal")
+
+    async def logged(n: int) -> bool:
+        return (await log(gw.client, admin, "?size=1"))["total"] == n
+
+    await wait_for(lambda: logged(10))
+    till_client, till = await _with_sales_only_key(gw)
+    try:
+        for client, key, datasets in ((gw.client, gw.key, {"sales", "journal"}),
+                                      (till_client, till, {"sales"})):
+            whole = (await log(client, key, "?size=100"))["entries"]
+            assert {e["dataset"] for e in whole} == datasets
+            expected = [e["request_id"] for e in whole]
+            first = await log(client, key, "?size=3")
+            await push(f"new-{key[-6:]}")  # arrives between the two pages
+            await wait_for(lambda n=11 + (key == till): logged(n))
+            seen = [e["request_id"] for e in first["entries"]]
+            page = first
+            while page["next"] is not None:
+                page = await log(client, key, f"?size=3&after={page['next']}")
+                seen += [e["request_id"] for e in page["entries"]]
+            assert seen == expected
+            assert page["from"] + len(page["entries"]) == page["total"]
+        for query in ("?after=nobody", "?after=old1&from=2", "?after="):
+            resp = await till_client.get(f"/v1/connectors/pos/logs{query}",
+                                         headers={"Authorization": f"Bearer {till}"})
+            await assert_problem(resp, 400, "INVALID_PARAMETER")
+        # an entry the key may not see is no cursor for it either
+        resp = await till_client.get("/v1/connectors/pos/logs?after=jold1",
+                                     headers={"Authorization": f"Bearer {till}"})
+        await assert_problem(resp, 400, "INVALID_PARAMETER")
+    finally:
+        await till_client.close()
