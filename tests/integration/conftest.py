@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,3 +132,19 @@ async def make_gateway(tmp_path, kafka, redis_url):
 @pytest.fixture
 async def gateway(make_gateway) -> Gateway:
     return await make_gateway()
+
+
+async def with_sales_key(gw: Gateway, key_id: str) -> tuple[TestClient, str]:
+    """Another gateway on the same Redis and broker whose catalogue is ``gw``'s plus a key
+    ``key_id`` that may write sales: its client (the caller closes it) and the key."""
+    key = new_key(key_id)
+    directory = gw.settings.catalogue_dir.parent / f"{gw.settings.catalogue_dir.name}-{key_id}"
+    shutil.copytree(gw.settings.catalogue_dir, directory)
+    sales = yaml.safe_load((directory / "sales.yaml").read_text())
+    sales["ingest_keys"].append({"id": key_id, "sha256": hash_key(key)})
+    (directory / "sales.yaml").write_text(yaml.safe_dump(sales))
+    server = EdgeTestServer(create_app(dataclasses.replace(gw.settings, catalogue_dir=directory)))
+    await server.start_server(**SERVER_KWARGS)
+    client = TestClient(server)
+    await client.start_server()
+    return client, key

@@ -8,21 +8,16 @@ counts for a request that has no entry (not written yet, or trimmed) live only b
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 import time
 
 import orjson
 import pytest
-import yaml
-from aiohttp.test_utils import TestClient
 
 from gateway.accounting import Accountant, RequestOutcome
-from gateway.app import SERVER_KWARGS, create_app
 from schemas import outcomes as o
 from schemas import redis_client
 from schemas.keys import hash_key, new_key
-from tests.integration.conftest import EdgeTestServer
+from tests.integration.conftest import with_sales_key
 from tests.integration.test_push import assert_problem
 from tests.integration.test_workers import wait_for
 from workers.accounting import BatchOutcome
@@ -182,22 +177,6 @@ JOURNAL = {"id": "journal", "schema": {"type": "object", "properties": {
     "account": {"type": "string"}}, "required": ["account"]}}
 
 
-async def _with_sales_only_key(gw) -> tuple[TestClient, str]:
-    """Another gateway on the same Redis whose catalogue also has "till", a key that may
-    write sales only (the gateway's own "pos" key writes sales and journal)."""
-    key = new_key("till")
-    directory = gw.settings.catalogue_dir.parent / (gw.settings.catalogue_dir.name + "-till")
-    shutil.copytree(gw.settings.catalogue_dir, directory)
-    sales = yaml.safe_load((directory / "sales.yaml").read_text())
-    sales["ingest_keys"].append({"id": "till", "sha256": hash_key(key)})
-    (directory / "sales.yaml").write_text(yaml.safe_dump(sales))
-    server = EdgeTestServer(create_app(dataclasses.replace(gw.settings, catalogue_dir=directory)))
-    await server.start_server(**SERVER_KWARGS)
-    client = TestClient(server)
-    await client.start_server()
-    return client, key
-
-
 async def test_a_connectors_log_shows_other_keys_only_the_datasets_they_may_write(make_gateway):
     """Connector "pos" sends to sales and journal. "till" (sales only) may read pos's log,
     but sees only its sales entries (it saw journal's too, errors quoting the values
@@ -229,7 +208,7 @@ async def test_a_connectors_log_shows_other_keys_only_the_datasets_they_may_writ
         return (await log(gw.client, admin, "?size=1"))["total"] == 21
 
     await wait_for(everything_logged)
-    till_client, till = await _with_sales_only_key(gw)
+    till_client, till = await with_sales_key(gw, "till")
     try:
         seen = await log(till_client, till, "?size=100")
         assert seen["total"] == 7 and len(seen["entries"]) == 7
@@ -291,7 +270,7 @@ async def test_paging_after_a_cursor_neither_repeats_nor_skips_while_entries_arr
         return (await log(gw.client, admin, "?size=1"))["total"] == n
 
     await wait_for(lambda: logged(10))
-    till_client, till = await _with_sales_only_key(gw)
+    till_client, till = await with_sales_key(gw, "till")
     try:
         for client, key, datasets in ((gw.client, gw.key, {"sales", "journal"}),
                                       (till_client, till, {"sales"})):

@@ -6,7 +6,6 @@ Every answer is checked against what reached the entry topic (and, with workers,
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gzip
 import hashlib
 import time
@@ -14,13 +13,10 @@ import urllib.parse
 
 import orjson
 import pytest
-import yaml
-from aiohttp.test_utils import TestClient
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
 from gateway import sessions as sessions_module
-from gateway.app import SERVER_KWARGS, create_app
 from gateway.config import Settings
 from gateway.routes.ingestions import SESSIONS
 from gateway.sessions import CreateSpec, Sessions
@@ -28,7 +24,7 @@ from schemas import jsontext, redis_keys
 from schemas import records as r
 from schemas.catalogue import Principal
 from schemas.keys import hash_key, new_key
-from tests.integration.conftest import EdgeTestServer
+from tests.integration.conftest import with_sales_key
 from tests.integration.test_push import assert_problem, nested
 from tests.integration.test_workers import Running, count, rows, wait_for
 
@@ -419,23 +415,6 @@ async def test_open_and_close_take_json_gzip_included_and_nothing_else(gateway):
     assert closed.status == 200 and (await closed.json())["status"] == "closed"
 
 
-async def _second_sales_key(gw) -> tuple[TestClient, str]:
-    """Another gateway on the same Redis and topics whose catalogue has a second sales key."""
-    key = new_key("pos2")
-    directory = gw.settings.catalogue_dir.parent / (gw.settings.catalogue_dir.name + "-2")
-    directory.mkdir()
-    for name in ("sales.yaml", "other.yaml"):
-        doc = yaml.safe_load((gw.settings.catalogue_dir / name).read_text())
-        if name == "sales.yaml":
-            doc["ingest_keys"].append({"id": "pos2", "sha256": hash_key(key)})
-        (directory / name).write_text(yaml.safe_dump(doc))
-    server = EdgeTestServer(create_app(dataclasses.replace(gw.settings, catalogue_dir=directory)))
-    await server.start_server(**SERVER_KWARGS)
-    client = TestClient(server)
-    await client.start_server()
-    return client, key
-
-
 async def test_404_for_unknown_ids_and_other_keys_sessions(make_gateway):
     gw = await make_gateway(**ADMIN_ENV)
     sid = (await open_session(gw))["ingestion_id"]
@@ -447,7 +426,7 @@ async def test_404_for_unknown_ids_and_other_keys_sessions(make_gateway):
     await assert_problem(await chunk(gw, unknown, sales("u", 1)), 404, "SESSION_NOT_FOUND")
     await assert_problem(await close(gw, unknown), 404, "SESSION_NOT_FOUND")
     # a key of another dataset, and another key of the same dataset, see nothing
-    other_gw, pos2 = await _second_sales_key(gw)
+    other_gw, pos2 = await with_sales_key(gw, "pos2")
     try:
         for key in (gw.other_key, pos2):
             resp = await other_gw.get(f"/v1/ingestions/{sid}", headers=auth(key))
