@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from schemas.structure import Structure
 from workers.rows import Row
@@ -44,6 +44,26 @@ class WriteResult:
     @property
     def total(self) -> int:
         return sum(self.written.values())
+
+
+class TablePlans:
+    """How a sink writes each table: ``_sql`` holds, per table, the plan (a tuple whose first
+    item is the structure it was made from) of the structure prepared last; ``_plan`` makes
+    one."""
+
+    _sql: dict[str, tuple[Any, ...]]
+
+    def _plan(self, structure: Structure) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def _statement(self, structure: Structure) -> Any:
+        """How rows shaped by ``structure`` are written: the plan of the structure last
+        prepared, or for rows shaped before a catalogue reload (a batch in flight, or a reload
+        that failed at another dataset, so the worker keeps the catalogue it has) their own
+        structure's, so each value goes to its own column (the table has them all: a reload
+        only adds columns)."""
+        prepared = self._sql[structure.dataset.id]
+        return prepared if prepared[0] is structure else self._plan(structure)
 
 
 class Sink(Protocol):

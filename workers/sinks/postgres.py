@@ -21,6 +21,7 @@ from workers.sinks.base import (
     StorageBusy,
     StorageRefused,
     StorageSchemaError,
+    TablePlans,
     WriteResult,
     check_columns,
     conflict_target,
@@ -170,7 +171,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               encoder=timestamptz_to_pg, decoder=timestamptz_from_pg)
 
 
-class PostgresSink:
+class PostgresSink(TablePlans):
     def __init__(self, url: str, key_window_s: int):
         self.url = url
         self._window_ms = key_window_s * 1000  # fence.KeyedRecords
@@ -254,15 +255,6 @@ class PostgresSink:
         self._legacy[table] = legacy
         self._sql[table] = self._plan(structure)
         self._keys_ready = self._keys_ready or self._sql[table][1] is None
-
-    def _statement(self, structure: Structure) -> tuple[Structure, str | None, list[str]]:
-        """How rows shaped by ``structure`` are written: the plan of the structure last
-        prepared, or for rows shaped before a catalogue reload (a batch in flight, or a reload
-        that failed at another dataset, so the worker keeps the catalogue it has) their own
-        structure's, so each value goes to its own column (the table has them all: a reload
-        only adds columns)."""
-        prepared = self._sql[structure.dataset.id]
-        return prepared if prepared[0] is structure else self._plan(structure)
 
     def _plan(self, structure: Structure) -> tuple[Structure, str | None, list[str]]:
         columns = table_columns(structure)

@@ -24,6 +24,7 @@ from workers.sinks.base import (
     StorageBusy,
     StorageRefused,
     StorageSchemaError,
+    TablePlans,
     WriteResult,
     check_columns,
     conflict_target,
@@ -93,7 +94,7 @@ def path_of(url: str) -> Path:
     return Path(parsed.netloc + parsed.path if parsed.netloc else parsed.path)
 
 
-class SqliteSink:
+class SqliteSink(TablePlans):
     def __init__(self, url: str, key_window_s: int):
         self.path = path_of(url)
         self._window_ms = key_window_s * 1000  # fence.KeyedRecords
@@ -164,15 +165,6 @@ class SqliteSink:
         self._legacy[table] = legacy
         self._sql[table] = self._plan(structure)
         self._keys_ready = self._keys_ready or self._sql[table][2]
-
-    def _statement(self, structure: Structure) -> tuple[Structure, str, bool]:
-        """How rows shaped by ``structure`` are written: the plan of the structure last
-        prepared, or for rows shaped before a catalogue reload (a batch in flight, or a reload
-        that failed at another dataset, so the worker keeps the catalogue it has) their own
-        structure's, so each value goes to its own column (the table has them all: a reload
-        only adds columns)."""
-        prepared = self._sql[structure.dataset.id]
-        return prepared if prepared[0] is structure else self._plan(structure)
 
     def _plan(self, structure: Structure) -> tuple[Structure, str, bool]:
         fenced = (conflict_target(structure) is None
