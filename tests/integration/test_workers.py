@@ -390,11 +390,8 @@ async def test_values_beyond_the_stores_range_are_dead_lettered_and_the_partitio
     the worker stopped, and its replacement met the same batch. An epoch beyond the
     platform's time (a Kafka-native producer's; the gateway wants date-time text) stopped
     the worker in the same way. RFC 3339's lowercase and leap-second forms are stored."""
-    topic = f"ingest.wide.{uuid.uuid4().hex[:8]}"
-    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
-    (gateway.settings.catalogue_dir / "wide.yaml").write_text(
-        f"id: wide\nentry_topic: {topic}\nschema: {{type: object, properties: "
-        "{n: {type: integer}, at: {type: string, format: date-time}}}\n")
+    topic = await _dataset(gateway, "wide", "schema: {type: object, properties: "
+                           "{n: {type: integer}, at: {type: string, format: date-time}}}\n")
     await produce(gateway.bootstrap, topic, b'[{"n": 9223372036854775808}, {"n": 5}, '
                   b'{"n": 6, "at": 100000000000000000000}, {"n": 7, "at": "1990-12-31t23:59:60z"}]')
     async with Running(gateway, storage_url) as running:
@@ -414,11 +411,9 @@ async def test_an_item_without_its_key_is_dead_lettered_and_the_partition_flows(
     """A null item key is no key: PostgreSQL refused the batch (NOT NULL of the primary key),
     for ever, and SQLite kept a row per null. The gateway refuses one; a Kafka-native record
     can still hold one. A required field whose schema allows null is stored as NULL."""
-    topic = f"ingest.keyed.{uuid.uuid4().hex[:8]}"
-    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
-    (gateway.settings.catalogue_dir / "keyed.yaml").write_text(
-        f"id: keyed\nitem_key: k\nentry_topic: {topic}\nschema: {{type: object, properties: "
-        "{k: {type: [string, 'null']}, note: {type: [string, 'null']}}, required: [note]}\n")
+    topic = await _dataset(gateway, "keyed", "item_key: k\nschema: {type: object, properties: "
+                           "{k: {type: [string, 'null']}, note: {type: [string, 'null']}}, "
+                           "required: [note]}\n")
     await produce(gateway.bootstrap, topic,
                   b'[{"k": null, "note": "x"}, {"note": "y"}, {"k": "a", "note": null}]')
     async with Running(gateway, storage_url) as running:
@@ -438,11 +433,8 @@ async def test_an_item_key_of_any_json_is_a_scalar_and_the_partition_flows(gatew
     unhashable), and its replacement, for ever. It is dead-lettered; an integral number is
     the integer (1.0 is 1, as PostgreSQL's jsonb compares them); 1, true and "1" are three
     items (SQLite took them for one, and a batch for two: 1 == True in Python)."""
-    topic = f"ingest.anykey.{uuid.uuid4().hex[:8]}"
-    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
-    (gateway.settings.catalogue_dir / "anykey.yaml").write_text(
-        f"id: anykey\nitem_key: k\nentry_topic: {topic}\nschema: {{type: object, properties: "
-        "{k: {}, n: {type: integer}}}\n")
+    topic = await _dataset(gateway, "anykey", "item_key: k\nschema: {type: object, properties: "
+                           "{k: {}, n: {type: integer}}}\n")
     await produce(gateway.bootstrap, topic, b'[{"k": [1], "n": 1}, {"k": {"a": 1}, "n": 2}, '
                   b'{"k": 1, "n": 3}, {"k": 1.0, "n": 4}, {"k": "a", "n": 5}, '
                   b'{"k": true, "n": 6}, {"k": "1", "n": 7}]')
@@ -530,6 +522,16 @@ async def test_an_item_whose_newest_write_the_store_refuses_keeps_the_one_before
     assert [(dict(d.headers)[r.H_ERROR_CODE], d.value) for d in dead] == [
         (b"STORE_REFUSED", b'{"k":"a","n":500}')]
     running.task.result()
+
+
+async def _dataset(gateway, dataset_id: str, definition: str) -> str:
+    """Dataset ``dataset_id`` (``definition``: the rest of its YAML) in the gateway's catalogue,
+    on an entry topic of its own, made with its dead-letter topic (one partition): the topic."""
+    topic = f"ingest.{dataset_id}.{uuid.uuid4().hex[:8]}"
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    (gateway.settings.catalogue_dir / f"{dataset_id}.yaml").write_text(
+        f"id: {dataset_id}\nentry_topic: {topic}\n{definition}")
+    return topic
 
 
 async def _guarded(gateway, storage_url: str, topic: str, extra: str = "") -> None:
