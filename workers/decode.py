@@ -40,12 +40,9 @@ def origin_of(record: Any) -> Origin:
     """The record's metadata from its headers; a record without headers is connector 'kafka'."""
     # NUL is valid UTF-8 but PostgreSQL keeps none in text: a header (any client's) with one
     # would fail the batch's write for ever
-    try:
-        headers = {k: v.decode("utf-8", "replace").replace("\x00", "\ufffd")
-                   for k, v in (record.headers or ())}
-    except AttributeError:  # a null value (Kafka allows them, None here): the header is absent
-        headers = {k: v.decode("utf-8", "replace").replace("\x00", "\ufffd")
-                   for k, v in record.headers if v is not None}
+    # (a header with a null value, which Kafka allows, None here, is absent)
+    headers = {k: v.decode("utf-8", "replace").replace("\x00", "\ufffd")
+               for k, v in (record.headers or ()) if v is not None}
     # any client may write these headers: a value that is no time or part number falls back
     # (one beyond the stores' ranges would fail the batch's write for ever)
     received_ms = _decimal(headers.get(r.H_RECEIVED_AT), _MAX_EPOCH_MS)
