@@ -30,6 +30,7 @@ import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.structs import ConsumerRecord
 
 START_TIMEOUT_S = 15.0
@@ -515,6 +516,39 @@ async def produce(bootstrap: str, topic: str, value: bytes,
     await producer.start()
     try:
         await producer.send_and_wait(topic, value, key=key, headers=headers or [])
+    finally:
+        await producer.stop()
+
+
+class RawKey:
+    """A header key written as these bytes, UTF-8 or not: aiokafka's pure-Python batch
+    builder writes ``key.encode("utf-8")``, which here gives the bytes as they are."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+
+    def encode(self, *_: object) -> bytes:
+        return self.raw
+
+
+async def produce_batch(bootstrap: str, topic: str, partition: int,
+                        records: list[tuple[bytes, list[tuple[str | bytes, bytes | None]]]],
+                        *, compression: int = 0) -> int:
+    """Publish ``records`` (value, headers) as one record batch to ``partition``; its first
+    offset. A header key given as bytes is written as those bytes, as librdkafka and other
+    clients can (aiokafka's producer encodes str keys and its C builder takes nothing else):
+    the batch is built by aiokafka's pure-Python builder. ``compression``: the codec number
+    (1 gzip)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                enable_idempotence=False)
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        batch._builder = _DefaultRecordBatchBuilderPy(2, compression, 0, -1, -1, 0, 1 << 20)
+        for value, headers in records:
+            batch.append(timestamp=None, key=None, value=value, headers=[
+                (RawKey(k) if isinstance(k, bytes) else k, v) for k, v in headers])
+        return (await (await producer.send_batch(batch, topic, partition=partition))).offset
     finally:
         await producer.stop()
 

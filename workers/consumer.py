@@ -29,6 +29,7 @@ from schemas import records as r
 from schemas.catalogue import CatalogueError, definition_files, load_catalogue
 from schemas.periodic import Periodic
 from schemas.structure import Structure
+from workers import unreadable
 from workers.accounting import BatchOutcome
 from workers.config import WorkerSettings
 from workers.decode import DeadLetter, Decoded, decode, letter
@@ -62,6 +63,7 @@ class Worker:
         self._catalogue_stamp: tuple = ()
         self.batches = 0
         self._lag_shown: set[TopicPartition] = set()  # partitions whose lag this process sets
+        self._partition_bytes = min(settings.batch_max_bytes, 1024 * 1024)  # of one fetch
 
     # -- catalogue ---------------------------------------------------------------------------
 
@@ -167,7 +169,7 @@ class Worker:
             heartbeat_interval_ms=min(3000, self.settings.session_timeout_ms // 3),
             # one fetch brings at most about a batch's bytes (a larger record still comes)
             fetch_max_bytes=self.settings.batch_max_bytes,
-            max_partition_fetch_bytes=min(self.settings.batch_max_bytes, 1024 * 1024),
+            max_partition_fetch_bytes=self._partition_bytes,
         )
         await self._retried([], self.consumer.start)
 
@@ -192,9 +194,17 @@ class Worker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            fetched = await self.consumer.getmany(
-                timeout_ms=int(remaining * 1000),
-                max_records=self.settings.batch_size - len(batch))
+            try:
+                fetched = await self.consumer.getmany(
+                    timeout_ms=int(remaining * 1000),
+                    max_records=self.settings.batch_size - len(batch))
+            except unreadable.ERRORS as exc:
+                # a record the client cannot read (a header key that is not UTF-8): the
+                # batch ends with it, dead-lettered, and its partition moves past it alone
+                batch.extend(await self._retried(
+                    batch, unreadable.skip, self.consumer, self.settings.kafka_bootstrap,
+                    last, self._partition_bytes, exc))
+                break
             for tp, records in fetched.items():
                 if tp in last and records[0].offset <= last[tp]:  # fetched again
                     records = [rec for rec in records if rec.offset > last[tp]]
@@ -292,7 +302,10 @@ class Worker:
         # shaped it (Sink.write)
         structures = self.structures
         per_dataset: dict[str, Decoded] = defaultdict(Decoded)
-        for record in batch:
+        records, skipped = unreadable.split(batch)
+        for record in skipped:
+            self._dead_letter_unreadable(record, structures, outcome)
+        for record in records:
             structure = structures.get(record.topic)
             if structure is None:
                 continue  # a dataset removed from the catalogue: leave its topic alone
@@ -329,6 +342,19 @@ class Worker:
             for letter in decoded.dead:
                 outcome.failed(structure.dataset.id, letter)
         return outcome
+
+    @staticmethod
+    def _dead_letter_unreadable(record: unreadable.Unreadable,
+                                structures: dict[str, Structure],
+                                outcome: BatchOutcome) -> None:
+        """A record the client could not read: one event received and dead-lettered
+        (MALFORMED_HEADER), as a record that is not JSON is."""
+        structure = structures.get(record.topic)
+        if structure is None:
+            return  # a dataset removed from the catalogue: its records are left alone
+        dead = unreadable.letter(record)
+        outcome.received(structure.dataset.id, dead.origin, 1)
+        outcome.failed(structure.dataset.id, dead)
 
     async def _refused(self, batch: list, structure: Structure, rows: list,
                        exc: StorageRefused) -> dict[int, DeadLetter]:

@@ -21,7 +21,7 @@ class DeadLetter:
 
     record: Any  # the aiokafka ConsumerRecord it came from
     value: bytes  # the event as JSON, or the record's raw value
-    code: str  # MALFORMED_JSON, SHAPE_FAILED
+    code: str  # MALFORMED_JSON, SHAPE_FAILED, STORE_REFUSED, MALFORMED_HEADER
     error: str
     index: int | None = None
     origin: Origin | None = None

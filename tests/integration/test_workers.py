@@ -12,14 +12,14 @@ import asyncpg
 import orjson
 import pytest
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import jsontext, metrics
 from schemas import records as r
 from schemas.dataset import Limits, parse_dataset
 from schemas.structure import Structure
 from tests.integration.test_push import ITEMS
-from tests.services import consume_all, create_topics, produce
+from tests.services import consume_all, create_topics, produce, produce_batch
 from workers.config import WorkerSettings
 from workers.consumer import Worker
 from workers.sinks import open_sink
@@ -524,11 +524,12 @@ async def test_an_item_whose_newest_write_the_store_refuses_keeps_the_one_before
     running.task.result()
 
 
-async def _dataset(gateway, dataset_id: str, definition: str) -> str:
+async def _dataset(gateway, dataset_id: str, definition: str, partitions: int = 1) -> str:
     """Dataset ``dataset_id`` (``definition``: the rest of its YAML) in the gateway's catalogue,
-    on an entry topic of its own, made with its dead-letter topic (one partition): the topic."""
+    on an entry topic of its own, made with its dead-letter topic (one partition unless
+    ``partitions``): the topic."""
     topic = f"ingest.{dataset_id}.{uuid.uuid4().hex[:8]}"
-    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=1)
+    await create_topics(gateway.bootstrap, [topic, r.dlq_topic(topic)], partitions=partitions)
     (gateway.settings.catalogue_dir / f"{dataset_id}.yaml").write_text(
         f"id: {dataset_id}\nentry_topic: {topic}\n{definition}")
     return topic
@@ -677,6 +678,95 @@ async def test_a_header_with_a_null_value_counts_as_absent(gateway, storage_url)
         (b'{"region":"South","revenue":"lots"}',
          [(r.H_REQUEST_ID, None), (r.H_CONNECTOR, b"pos"), ("trace", None)])]
     running.task.result()
+
+
+async def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_the_partition_flows(
+        gateway, tmp_path):
+    """Kafka's header keys are strings, but librdkafka and others write any bytes, and
+    aiokafka decodes them strictly: a record with such a key made the fetch (getmany) raise
+    UnicodeDecodeError, the worker stopped before committing and its replacement met the
+    same record, for good. The record is dead-lettered (its value, its other headers, the
+    key with \\x escapes) and its partition moves past it alone: every other record of
+    its fetch, of its record batch and of the other partition is stored once, and the
+    offsets are committed to the end."""
+    storage = f"sqlite:///{tmp_path}/keys.db"
+    topic = await _dataset(gateway, "plain", "schema: {type: object, properties: "
+                           "{n: {type: integer}}}\n", partitions=2)
+    await produce_batch(gateway.bootstrap, topic, 0, [(b'{"n": 1}', [])])
+    await produce_batch(gateway.bootstrap, topic, 0, [  # one record batch, the middle one bad
+        (b'{"n": 2}', []),
+        (b'{"n": 3}', [(b"\xff\xfek", b"v"), ("trace", b"t-1"), (r.H_CONNECTOR, b"pos")]),
+        (b'{"n": 4}', [])])
+    await produce_batch(gateway.bootstrap, topic, 0, [(b'{"n": 5}', [])])
+    await produce_batch(gateway.bootstrap, topic, 1, [
+        (b'{"n": 10}', []), (b'[{"n": 11}, {"n": 12}]', [(b"id-\xc3\x28", None)])],
+        compression=1)  # gzip
+    await produce_batch(gateway.bootstrap, topic, 1, [(b'{"n": 13}', [])])
+    ends = {TopicPartition(topic, 0): 5, TopicPartition(topic, 1): 3}
+    async with Running(gateway, storage) as running:
+        async def committed() -> bool:
+            consumer = running.worker.consumer
+            return consumer is not None and all(
+                [await consumer.committed(tp) == end for tp, end in ends.items()])
+
+        await wait_for(lambda: _equals(count(storage, "plain"), 6), timeout=30)
+        await wait_for(committed, timeout=30)
+        await asyncio.sleep(0.5)  # nothing more comes
+    running.task.result()
+    assert sorted(await rows(storage, "SELECT n FROM plain")) == [
+        (1,), (2,), (4,), (5,), (10,), (13,)]  # each once
+    dead = sorted(await consume_all(gateway.bootstrap, r.dlq_topic(topic)),
+                  key=lambda d: dict(d.headers)[r.H_SOURCE_PARTITION])
+    assert [(d.value, dict(d.headers)[r.H_ERROR_CODE], dict(d.headers)[r.H_SOURCE_PARTITION],
+             dict(d.headers)[r.H_SOURCE_OFFSET]) for d in dead] == [
+        (b'{"n": 3}', b"MALFORMED_HEADER", b"0", b"2"),
+        (b'[{"n": 11}, {"n": 12}]', b"MALFORMED_HEADER", b"1", b"1")]
+    assert list(dead[0].headers[:3]) == [
+        ("\\xff\\xfek", b"v"), ("trace", b"t-1"), (r.H_CONNECTOR, b"pos")]
+    assert dict(dead[0].headers)[r.H_ERROR] == (
+        b"a header key is not UTF-8: b'\\xff\\xfek' (in this letter: \\xff\\xfek)")
+    assert list(dead[1].headers[:1]) == [("id-\\xc3(", None)]
+
+
+async def test_records_of_another_partition_in_the_failed_fetch_are_not_lost(gateway, tmp_path):
+    """aiokafka drains one partition after another in a getmany: when it meets a header key
+    that is not UTF-8 it has already moved the partitions drained before past the records it
+    took from them, and the exception loses those records. The worker puts each partition
+    back where its batch leaves it, so the next poll gives them."""
+    storage = f"sqlite:///{tmp_path}/drained.db"
+    topic = await _dataset(gateway, "plain", "schema: {type: object, properties: "
+                           "{n: {type: integer}}}\n", partitions=2)
+    good, bad = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    await produce_batch(gateway.bootstrap, topic, 0, [(b'{"n": 1}', []), (b'{"n": 2}', [])])
+    worker = Running(gateway, storage).worker
+    try:
+        await worker._start()
+        consumer = worker.consumer
+
+        async def fetched(tp: TopicPartition, end: int) -> bool:
+            return consumer.highwater(tp) == end
+
+        await wait_for(lambda: fetched(good, 2))  # fetched, and so drained first: then
+        await produce_batch(gateway.bootstrap, topic, 1, [  # the other partition's records
+            (b'{"n": 10}', []), (b'{"n": 11}', [(b"\xff", b"v")]), (b'{"n": 12}', [])])
+        await wait_for(lambda: fetched(bad, 3))
+        batch = await worker._poll()  # the first getmany drains partition 0, then raises
+        assert [(rec.partition, rec.offset) for rec in batch] == [(1, 0), (1, 2), (1, 1)]
+        await worker._handle(batch)
+        batch = await worker._poll()
+        assert [(rec.partition, rec.offset) for rec in batch] == [(0, 0), (0, 1)]
+        await worker._handle(batch)
+        assert sorted(await rows(storage, "SELECT n FROM plain")) == [(1,), (2,), (10,), (12,)]
+        assert {tp: await consumer.committed(tp) for tp in (good, bad)} == {good: 2, bad: 3}
+    finally:
+        if worker.consumer is not None:
+            await worker.consumer.stop()
+        await worker.dlq.stop()
+        await worker.sink.close()
+        await worker.redis.aclose()
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
+    assert [(d.value, dict(d.headers)[r.H_SOURCE_OFFSET]) for d in dead] == [
+        (b'{"n": 11}', b"1")]
 
 
 async def test_header_less_kafka_record_is_stored_as_connector_kafka(gateway, storage_url):
