@@ -31,11 +31,18 @@ async def start_gateway(tmp_path, bootstrap: str, redis_url: str, processes: int
     key, other = new_key("pos"), new_key("crm")
     topic, other_topic = write_catalogue(tmp_path, os.urandom(4).hex(), key, other, None)
     await create_topics(bootstrap, [topic, other_topic], partitions=2)
+    proc, base = await serve({
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
+        "REDIS_URL": redis_url, "SLUICE_CATALOGUE_DIR": str(tmp_path),
+        "SLUICE_PROCESSES": str(processes), "SLUICE_SHUTDOWN_TIMEOUT_S": "20", **extra})
+    return (proc, base, key, topic) if dataset == "sales" else (proc, base, other, other_topic)
+
+
+async def serve(settings: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`sluice serve` with ``settings`` added to this environment, on a free port of
+    127.0.0.1, once /readyz answers 200: the process and its base URL."""
     port = free_port()
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "KAFKA_ENABLE_IDEMPOTENCE": "false",
-           "REDIS_URL": redis_url, "SLUICE_CATALOGUE_DIR": str(tmp_path),
-           "SLUICE_PORT": str(port), "SLUICE_HOST": "127.0.0.1",
-           "SLUICE_PROCESSES": str(processes), "SLUICE_SHUTDOWN_TIMEOUT_S": "20", **extra}
+    env = {**os.environ, **settings, "SLUICE_PORT": str(port), "SLUICE_HOST": "127.0.0.1"}
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -51,7 +58,7 @@ async def start_gateway(tmp_path, bootstrap: str, redis_url: str, processes: int
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline, "gateway did not become ready"
             await asyncio.sleep(0.2)
-    return (proc, base, key, topic) if dataset == "sales" else (proc, base, other, other_topic)
+    return proc, base
 
 
 def stop_gateway(proc: subprocess.Popen) -> tuple[int, list[str]]:
