@@ -1,19 +1,25 @@
-"""The per-process budget of request-body bytes in processing: explicit backpressure on memory.
+"""The per-process budget of request-body bytes held in memory: explicit backpressure on memory.
 
 Parsing a body makes Python objects worth up to about 40 times its (inflated) size, so the
-bodies a process parses at once, not the number of its connections, decide its peak memory.
-Each request takes its body's size (inflated size for gzip) from the budget before it is
-fingerprinted, admitted and parsed, and gives it back once its answer is built. A request
-that does not fit waits up to ``wait_s`` for others to finish, then is refused with 503
-``SERVER_BUSY``: it was never admitted, so it claimed no Idempotency-Key and published nothing.
+bodies a process holds at once, not the number of its connections, decide its peak memory.
+Each request holds its body's bytes in the budget (a Hold) from the moment its route starts
+reading the body until its answer is built: a declared Content-Length before the first byte
+is read, a chunked body's bytes as each piece arrives (before the piece is kept), and for
+gzip the inflated bytes too, each piece before it is inflated. The inflated size, which
+parsing multiplies, is thus held before parsing, as it was when only processing was
+counted. A request that does not fit waits up to ``wait_s`` for others to finish, then is
+refused with 503 ``SERVER_BUSY``: bodies are read and inflated before admission, so it
+claimed no Idempotency-Key and published nothing. Its route releases the hold whole however
+the request ends (answered, refused, timed out, left by its client, cancelled).
 
 When there is room, taking is one add and one compare: no lock, no await (one event loop per
-process owns the counter).
+process owns the counter); a body already covered (its declared length) costs a compare.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 
 from gateway.errors import ServerBusy
@@ -34,6 +40,10 @@ class BodyBudget:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def hold(self, dataset: str) -> Hold:
+        """A request's share, empty until its body is read (``dataset`` labels its waits)."""
+        return Hold(self, dataset)
+
     def counted(self, size: int) -> int:
         """What a body of ``size`` bytes takes: a body larger than the whole budget takes the
         whole budget, so it is admitted alone rather than never."""
@@ -46,9 +56,9 @@ class BodyBudget:
             return True
         return False
 
-    async def wait(self, size: int, dataset: str) -> None:
+    async def wait(self, size: int, dataset: str, body: int | None = None) -> None:
         """Take ``size`` (counted) bytes once there is room, waiting up to ``wait_s``;
-        ServerBusy past that."""
+        ServerBusy past that. ``body``: the bytes the request needs in all, for its answer."""
         waiter = (size, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         try:
@@ -64,10 +74,10 @@ class BodyBudget:
             if isinstance(exc, TimeoutError):
                 metrics.child(metrics.BODY_BUDGET_WAITS, dataset, "refused").inc()
                 raise ServerBusy(
-                    f"the gateway is busy with other large request bodies; this {size}-byte "
-                    f"body did not fit within {self._wait_s:g} s. Nothing was accepted; "
-                    f"retry after {RETRY_AFTER_S} s",
-                    headers={"Retry-After": RETRY_AFTER_S}) from None
+                    f"the gateway is busy with other large request bodies; the "
+                    f"{size if body is None else body} bytes this one needed did not fit "
+                    f"within {self._wait_s:g} s. Nothing was accepted; retry after "
+                    f"{RETRY_AFTER_S} s", headers={"Retry-After": RETRY_AFTER_S}) from None
             raise
         metrics.child(metrics.BODY_BUDGET_WAITS, dataset, "admitted").inc()
 
@@ -87,3 +97,62 @@ class BodyBudget:
                 self.in_use += size
                 future.set_result(None)
                 self._waiters.remove(waiter)
+
+
+class Hold:
+    """The bytes one request holds in the budget: grown as its body arrives and inflates,
+    given back whole by ``release`` (or leaving ``with``), which the route does however the
+    request ends. Sizes are totals for the request, counted as BodyBudget.counted counts."""
+
+    __slots__ = ("_budget", "dataset", "held")
+
+    def __init__(self, budget: BodyBudget, dataset: str):
+        self._budget = budget
+        self.dataset = dataset
+        self.held = 0
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+    def try_cover(self, size: int) -> bool:
+        """Hold ``size`` bytes in all if it does already or there is room now: the hot path."""
+        extra = self._budget.counted(size) - self.held
+        if extra <= 0:
+            return True
+        if self._budget.try_take(extra):
+            self.held += extra
+            return True
+        return False
+
+    async def cover(self, size: int) -> None:
+        """Hold ``size`` bytes in all, waiting for room as BodyBudget.wait does (ServerBusy
+        when none came in time; the hold keeps what it had, for release)."""
+        if self.try_cover(size):
+            return
+        extra = self._budget.counted(size) - self.held
+        await self._budget.wait(extra, self.dataset, size)
+        self.held += extra
+
+    def spare(self, used: int) -> int:
+        """How many bytes past ``used`` (of those held) could be covered now without waiting:
+        what is held past it and the budget's free room; no end for a hold that counts as
+        the whole budget already (it is alone)."""
+        budget = self._budget
+        if self.held >= budget.capacity:
+            return sys.maxsize
+        return self.held - used + budget.capacity - budget.in_use
+
+    def fit(self, size: int) -> None:
+        """Hold ``size`` bytes in all, giving back any more than that."""
+        extra = self.held - self._budget.counted(size)
+        if extra > 0:
+            self.held -= extra
+            self._budget.give(extra)
+
+    def release(self) -> None:
+        held, self.held = self.held, 0
+        if held:
+            self._budget.give(held)

@@ -78,7 +78,7 @@ VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "SLUICE_MAX_DECOMPRESSED_BYTES": ("max_decompressed_bytes", "8388608", int_range(1),
                                       "default limit on a gzip body once inflated"),
     "SLUICE_MAX_INFLIGHT_BODY_BYTES": ("max_inflight_body_bytes", "16777216", int_range(1),
-                                       "per process: request-body bytes (gzip ones inflated) being processed at once; a body that finds no room within 1 s gets 503 SERVER_BUSY. At least every dataset's max_request_bytes and max_decompressed_bytes; memory sizing in Operations"),
+                                       "per process: request-body bytes held at once, from the first byte received until the answer is built (gzip bodies: compressed and inflated); a body that finds no room within 1 s gets 503 SERVER_BUSY. At least every dataset's max_request_bytes and max_decompressed_bytes; memory sizing in Operations"),
     "SLUICE_RATE_LIMIT_RPS": ("rate_limit_rps", "0", float_min(0),
                               "default requests/s per ingest key and dataset (0: unlimited)"),
     "SLUICE_RATE_LIMIT_BURST": ("rate_limit_burst", "0", int_range(0),
@@ -184,7 +184,8 @@ class Settings:
 def check_body_budget(settings: Settings, catalogue: Catalogue) -> None:
     """The budget of body bytes in processing must admit the largest body a dataset allows,
     or such a body could only ever be admitted alone (the budget counts it as all of itself):
-    refused at start-up rather than found out under load."""
+    refused at start-up rather than found out under load. (A gzip body holds its compressed
+    and its inflated bytes: one whose two together pass the budget is processed alone.)"""
     largest = max(((max(d.max_request_bytes, d.max_decompressed_bytes), d.id)
                    for d in catalogue), default=None)
     if largest is not None and largest[0] > settings.max_inflight_body_bytes:

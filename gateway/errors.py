@@ -229,11 +229,14 @@ class RedisUnavailable(ApiError):
 
 class ServerBusy(ApiError):
     """The process's budget of request bodies in processing (SLUICE_MAX_INFLIGHT_BODY_BYTES)
-    had no room for this one within a second: refused before admission, nothing published."""
+    had no room for this one within a second: refused before admission, nothing published.
+    Often refused while the body is still arriving, whose rest is not drained; and a retry
+    on a new connection may reach a less busy gateway."""
 
     status = 503
     code = "SERVER_BUSY"
     title = "The gateway is processing too many large request bodies; retry later"
+    closes = True
 
 
 class InternalError(ApiError):

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.admission import Admission, Admitter, Verdict
-from gateway.budget import BodyBudget
+from gateway.budget import BodyBudget, Hold
 from gateway.errors import (
     IdempotencyInFlight,
     IdempotencyMismatch,
@@ -68,51 +68,48 @@ class Ingestor:
         self._max_errors = max_reported_errors
         self.budget = budget
 
-    async def ingest(self, req: IngestRequest, process: Process | None = None,
+    async def ingest(self, req: IngestRequest, hold: Hold, process: Process | None = None,
                      operation: str = "") -> Answer:
-        """Admit, then ``process`` (parse, validate, publish unless given another step, as
-        ingestion sessions do for chunks and creation), then store or release the answer.
+        """Inflate, admit, then ``process`` (parse, validate, publish unless given another
+        step, as ingestion sessions do for chunks and creation), then store or release the
+        answer.
+
+        ``hold`` holds the body's bytes in the budget already (the route read it under it, and
+        releases it once the answer is built); a gzip body's inflated bytes join them as they
+        are inflated. A body that finds no room is refused (503) before admission: no
+        Idempotency-Key claimed, no rate-limit token spent.
 
         ``operation`` names a step other than a push or a chunk (they differ already by the
         session id), so that one Idempotency-Key sent to two routes is refused as reused
         rather than replaying the other route's answer."""
         dataset = req.dataset
-        body = gunzip(req.body, dataset.max_decompressed_bytes) if req.gzipped else req.body
-        # The body's bytes are held in the budget until its answer is built (parsing makes
-        # up to ~40x of them in objects). One that finds no room is refused (503) before
-        # admission: no Idempotency-Key claimed, no rate-limit token spent.
-        budget = self.budget
-        size = budget.counted(len(body))
-        if not budget.try_take(size):
-            await budget.wait(size, dataset.id)
+        body = (await gunzip(req.body, dataset.max_decompressed_bytes, hold) if req.gzipped
+                else req.body)
+        key_id = req.principal.key_id
+        idem = (redis_keys.idempotency_key(dataset.id, key_id, req.idempotency_key)
+                if req.idempotency_key is not None else None)
+        fingerprint = _fingerprint(req, body, operation) if idem else ""
+        # The claim's owner is this call, never the client's X-Request-ID: a client retrying
+        # with the same request id while the first attempt is in flight must get 409, and
+        # only the Redis client's own retry of the admission call (same owner) proceeds.
+        owner = secrets.token_hex(12) if idem else ""
+        admission = await self._admitter.admit(
+            redis_keys.rate_bucket_key(dataset.id, key_id), dataset.rate_limit, idem,
+            fingerprint, owner)
+        headers = _rate_headers(dataset.rate_limit, admission)
+        _refuse(admission, headers)
+        if admission.verdict is Verdict.REPLAY:
+            stored = admission.replay or b"202{}"
+            return Answer(int(stored[:3]), stored[3:], headers, replayed=True)
         try:
-            key_id = req.principal.key_id
-            idem = (redis_keys.idempotency_key(dataset.id, key_id, req.idempotency_key)
-                    if req.idempotency_key is not None else None)
-            fingerprint = _fingerprint(req, body, operation) if idem else ""
-            # The claim's owner is this call, never the client's X-Request-ID: a client retrying
-            # with the same request id while the first attempt is in flight must get 409, and
-            # only the Redis client's own retry of the admission call (same owner) proceeds.
-            owner = secrets.token_hex(12) if idem else ""
-            admission = await self._admitter.admit(
-                redis_keys.rate_bucket_key(dataset.id, key_id), dataset.rate_limit, idem,
-                fingerprint, owner)
-            headers = _rate_headers(dataset.rate_limit, admission)
-            _refuse(admission, headers)
-            if admission.verdict is Verdict.REPLAY:
-                stored = admission.replay or b"202{}"
-                return Answer(int(stored[:3]), stored[3:], headers, replayed=True)
-            try:
-                answer = await (process or self._process)(req, body, headers)
-            except BaseException:
-                if idem is not None:
-                    await self._admitter.release(idem, owner)
-                raise
-            if idem is not None:  # stored with the next pipeline; the answer does not wait for it
-                self._admitter.complete(idem, owner, answer.status, answer.body)
-            return answer
-        finally:
-            budget.give(size)
+            answer = await (process or self._process)(req, body, headers)
+        except BaseException:
+            if idem is not None:
+                await self._admitter.release(idem, owner)
+            raise
+        if idem is not None:  # stored with the next pipeline; the answer does not wait for it
+            self._admitter.complete(idem, owner, answer.status, answer.body)
+        return answer
 
     async def _process(self, req: IngestRequest, body: bytes, headers: dict[str, str]) -> Answer:
         items = parse_items(body, req.mime)

@@ -1,4 +1,5 @@
-"""Request bodies: bounded reading, bounded gzip inflation, JSON and NDJSON parsing."""
+"""Request bodies: bounded reading and gzip inflation, held in the body budget as they grow;
+JSON and NDJSON parsing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp.web_protocol import RequestPayloadError
 
+from gateway.budget import Hold
 from gateway.errors import (
     ClientClosedRequest,
     DecompressedTooLarge,
@@ -24,6 +26,7 @@ from gateway.errors import (
 
 JSON = "application/json"
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+_WAIT_STEP = 64 * 1024  # the least room a gzip body that does not fit waits for
 
 
 class Stream(Protocol):
@@ -60,16 +63,19 @@ def check_declared_length(content_length: int | None, limit: int) -> None:
                               limit=limit)
 
 
-async def read_limited(stream: Stream, limit: int, timeout_s: float) -> bytes:
-    """Read the whole body, stopping with 413 as soon as it passes ``limit`` bytes, and with
-    408 when it has not all arrived ``timeout_s`` seconds after its headers did (a stalled
-    or vanished client would otherwise hold the request, and its buffer, for good); 499 when
-    the client closed the connection first, 400 when the body's framing breaks."""
+async def read_limited(stream: Stream, limit: int, timeout_s: float, hold: Hold) -> bytes:
+    """Read the whole body, each piece held in ``hold`` before it is kept (no wait when the
+    hold covers it already, as a declared length does, or there is room; else 503
+    SERVER_BUSY when no room came in time), stopping with 413 as soon as it passes
+    ``limit`` bytes, and with 408 when it has not all arrived ``timeout_s`` seconds after
+    its headers did (a stalled or vanished client would otherwise hold the request, and its
+    buffer, for good); 499 when the client closed the connection first, 400 when the body's
+    framing breaks."""
     try:
         if stream.is_eof():  # all of it has arrived already (most requests): nothing to wait
-            return await _read(stream, limit)
+            return await _read(stream, limit, hold)
         async with asyncio.timeout(timeout_s):
-            return await _read(stream, limit)
+            return await _read(stream, limit, hold)
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s "
                              "of its headers") from None
@@ -81,36 +87,90 @@ async def read_limited(stream: Stream, limit: int, timeout_s: float) -> bytes:
                                "nothing was accepted") from None
 
 
-async def _read(stream: Stream, limit: int) -> bytes:
+async def _read(stream: Stream, limit: int, hold: Hold) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while chunk := await stream.readany():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes", limit=limit)
+        if not hold.try_cover(size):
+            await hold.cover(size)
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def gunzip(data: bytes, limit: int) -> bytes:
-    """Inflate a gzip body (all members) without ever holding more than ``limit`` + 1 bytes."""
-    out: list[bytes] = []
-    size = 0
-    while data:
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            chunk = inflater.decompress(data, limit + 1 - size)
-        except zlib.error as exc:
-            raise InvalidPayload(f"the gzip body cannot be decompressed: {exc}") from None
-        size += len(chunk)
-        if size > limit or inflater.unconsumed_tail:
-            raise DecompressedTooLarge(f"the body exceeds {limit} bytes once decompressed",
-                                       limit=limit)
-        if not inflater.eof:
-            raise InvalidPayload("the gzip body is truncated")
-        out.append(chunk)
-        data = inflater.unused_data
-    return b"".join(out)
+async def gunzip(data: bytes, limit: int, hold: Hold) -> bytes:
+    """Inflate a gzip body (all members) without ever holding more than ``limit`` + 1 bytes,
+    nor more than ``hold`` covers. Each piece is inflated into room taken first: all the
+    room the budget has at that moment (most bodies fit in it, so they never wait), else
+    room waited for (503 SERVER_BUSY when none came in time). The hold ends with the
+    compressed and the inflated bytes, which the request keeps until its answer is built."""
+    inflation = _Inflation(data, limit)
+    base = hold.held  # the compressed body
+    while not inflation.done:
+        used = base + inflation.size
+        room = min(hold.spare(used), inflation.left)
+        if room <= 0:
+            await hold.cover(used + inflation.wanted())
+            continue
+        hold.try_cover(used + room)  # there is room: taken at once
+        inflation.inflate(room)
+    hold.fit(base + inflation.size)
+    return inflation.body()
+
+
+class _Inflation:
+    """A gzip body inflated piece by piece, every member, refused past ``limit`` bytes."""
+
+    def __init__(self, data: bytes, limit: int):
+        self._data = data  # what zlib has not taken yet
+        self._inflater: Any = None  # the member being inflated
+        self._limit = limit
+        self._out: list[bytes] = []
+        self.size = 0
+        self.done = not data
+        # The last member's inflated size (mod 2**32) as its trailer says: how much room to
+        # wait for when the body does not fit, never how much to inflate (it may lie).
+        self._trailer = int.from_bytes(data[-4:], "little") if len(data) >= 18 else 0
+
+    @property
+    def left(self) -> int:
+        """How much more may be inflated: one byte past the limit is how a bomb shows."""
+        return self._limit + 1 - self.size
+
+    def wanted(self) -> int:
+        """Room to wait for: what the trailer says is left, as much again as there is, or
+        64 KiB, whichever is most, but no more than ``left``."""
+        return min(self.left, max(self._trailer - self.size, self.size, _WAIT_STEP))
+
+    def inflate(self, most: int) -> None:
+        """Inflate up to ``most`` more bytes (fewer when the body ends first)."""
+        while most > 0 and not self.done:
+            if self._inflater is None:
+                self._inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            inflater = self._inflater
+            try:
+                chunk = inflater.decompress(self._data, most)
+            except zlib.error as exc:
+                raise InvalidPayload(f"the gzip body cannot be decompressed: {exc}") from None
+            self.size += len(chunk)
+            most -= len(chunk)
+            if self.size > self._limit:
+                raise DecompressedTooLarge(f"the body exceeds {self._limit} bytes once "
+                                           "decompressed", limit=self._limit)
+            self._out.append(chunk)
+            if inflater.eof:  # the member ended; another may follow
+                self._data = inflater.unused_data
+                self._inflater = None
+                self.done = not self._data
+            else:
+                self._data = inflater.unconsumed_tail
+                if most > 0:  # it stopped short of its room without an end: input ran out
+                    raise InvalidPayload("the gzip body is truncated")
+
+    def body(self) -> bytes:
+        return self._out[0] if len(self._out) == 1 else b"".join(self._out)
 
 
 def parse_items(body: bytes, mime: str) -> list[Any]:

@@ -22,6 +22,7 @@ import orjson
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import BadHttpMethod, LineTooLong
 
+from gateway.budget import Hold
 from gateway.errors import (
     ApiError,
     HeaderTooLarge,
@@ -91,12 +92,17 @@ async def expect_continue(request: web.Request) -> None:
         request[_AWAITS_CONTINUE] = True
 
 
-async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
-    """The body (payload.read_limited), after the ``100 Continue`` a client may wait for."""
+async def read_body(request: web.Request, limit: int, timeout_s: float, hold: Hold) -> bytes:
+    """The body (payload.read_limited), held in ``hold`` from its first byte: a declared
+    length is held before anything is read, even the ``100 Continue`` a client may wait for
+    (a body with no room is refused before it is sent), a chunked body piece by piece."""
+    declared = request.content_length
+    if declared and not hold.try_cover(declared):
+        await hold.cover(declared)
     if request.get(_AWAITS_CONTINUE):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not the start of the answer
-    return await read_limited(request.content, limit, timeout_s)
+    return await read_limited(request.content, limit, timeout_s, hold)
 
 
 def add_routes(app: web.Application, *table: tuple[str, str, Handler]) -> None:

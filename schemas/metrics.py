@@ -80,8 +80,9 @@ REDIS_ERRORS = Counter(
     "sluice_redis_errors_total", "Redis calls that failed, by operation", ["operation"])
 BODY_BUDGET_WAITS = Counter(  # outcome: admitted (room came in time) or refused (503 SERVER_BUSY)
     "sluice_body_budget_waits_total",
-    "Requests whose body did not fit the process's SLUICE_MAX_INFLIGHT_BODY_BYTES at once and "
-    "waited, by dataset and outcome", ["dataset", "outcome"])
+    "Waits of request bodies that did not fit the process's SLUICE_MAX_INFLIGHT_BODY_BYTES at "
+    "once (one still arriving or inflating may wait more than once), by dataset (empty for "
+    "session open and close bodies) and outcome", ["dataset", "outcome"])
 GATEWAY_READY = Gauge(
     "sluice_gateway_ready", "1 while Redis, Kafka (every entry topic) and the catalogue pass "
     "/readyz's checks, else 0; the lowest of the live processes", multiprocess_mode="livemin")

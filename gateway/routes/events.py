@@ -84,19 +84,22 @@ async def _ingest(request: web.Request, state, principal, dataset, received_at_m
     gzipped = check_encoding(header(request, "Content-Encoding"))
     check_declared_length(request.content_length, dataset.max_request_bytes)
     token = idempotency_key(request)
-    body = await read_body(request, dataset.max_request_bytes, state.settings.body_timeout_s)
-    outcome.bytes = len(body)
-    return await state.ingestor.ingest(IngestRequest(
-        dataset=dataset,
-        principal=principal,
-        body=body,
-        gzipped=gzipped,
-        mime=mime,
-        partial=bool(request.query_string) and request.query.get("partial", "").lower() in _TRUE,
-        idempotency_key=token,
-        request_id=request[REQUEST_ID],
-        received_at_ms=received_at_ms,
-    ))
+    with state.ingestor.budget.hold(dataset.id) as hold:  # given back once answered, or not
+        body = await read_body(request, dataset.max_request_bytes,
+                               state.settings.body_timeout_s, hold)
+        outcome.bytes = len(body)
+        return await state.ingestor.ingest(IngestRequest(
+            dataset=dataset,
+            principal=principal,
+            body=body,
+            gzipped=gzipped,
+            mime=mime,
+            partial=(bool(request.query_string)
+                     and request.query.get("partial", "").lower() in _TRUE),
+            idempotency_key=token,
+            request_id=request[REQUEST_ID],
+            received_at_ms=received_at_ms,
+        ), hold)
 
 
 def setup(app: web.Application) -> None:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.accounting import RequestOutcome
 from gateway.auth import authenticate, authorize
+from gateway.budget import Hold
 from gateway.chunks import chunk_step
 from gateway.errors import DatasetNotFound, InvalidParameter, UnsupportedMediaType
 from gateway.ingest import Answer, IngestRequest
@@ -36,29 +37,37 @@ def _principal(request: web.Request) -> Principal:
     return authenticate(request.app[STATE].catalogue, header(request, "Authorization"))
 
 
-async def _control_body(request: web.Request) -> bytes:
-    """The JSON body of an open or close request (inflated when gzip-compressed)."""
+async def _control_body(request: web.Request, hold: Hold) -> bytes:
+    """The JSON body of an open or close request (inflated when gzip-compressed), held in
+    ``hold`` as every body is."""
     if content_type(request) != JSON:
         raise UnsupportedMediaType("send application/json: opening and closing a session "
                                    "take one JSON object")
     gzipped = check_encoding(header(request, "Content-Encoding"))
     check_declared_length(request.content_length, CONTROL_MAX_BYTES)
     body = await read_body(request, CONTROL_MAX_BYTES,
-                           request.app[STATE].settings.body_timeout_s)
-    return gunzip(body, CONTROL_MAX_BYTES) if gzipped else body
+                           request.app[STATE].settings.body_timeout_s, hold)
+    return await gunzip(body, CONTROL_MAX_BYTES, hold) if gzipped else body
+
+
+def _control_hold(request: web.Request) -> Hold:
+    """The budget's hold for an open or close request: its dataset is not known before its
+    body is read, so its waits (if any: the body is 16 KiB at most) count under none."""
+    return request.app[STATE].ingestor.budget.hold("")
 
 
 async def create_session(request: web.Request) -> web.Response:
     received_at_ms = _now_ms()
     state = request.app[STATE]
     principal = _principal(request)
-    body = await _control_body(request)
-    spec = parse_create(body, state.settings)
-    dataset = authorize(state.catalogue, principal, spec.dataset)
-    answer = await state.ingestor.ingest(
-        IngestRequest(dataset, principal, body, False, JSON, False, idempotency_key(request),
-                      request[REQUEST_ID], received_at_ms),
-        process=request.app[SESSIONS].creation(spec), operation="open")
+    with _control_hold(request) as hold:
+        body = await _control_body(request, hold)
+        spec = parse_create(body, state.settings)
+        dataset = authorize(state.catalogue, principal, spec.dataset)
+        answer = await state.ingestor.ingest(
+            IngestRequest(dataset, principal, body, False, JSON, False,
+                          idempotency_key(request), request[REQUEST_ID], received_at_ms),
+            hold, process=request.app[SESSIONS].creation(spec), operation="open")
     response = respond(answer)
     if answer.replayed and answer.status == 201:  # the stored answer keeps no headers
         response.headers["Location"] = location(orjson.loads(answer.body)["ingestion_id"])
@@ -73,7 +82,8 @@ async def get_session(request: web.Request) -> web.Response:
 
 async def patch_session(request: web.Request) -> web.Response:
     principal = _principal(request)
-    parse_close(await _control_body(request))
+    with _control_hold(request) as hold:
+        parse_close(await _control_body(request, hold))
     session = await request.app[SESSIONS].close(request.match_info["ingestion_id"], principal)
     return web.json_response(session.document())
 
@@ -133,14 +143,15 @@ async def _chunk(request: web.Request, principal: Principal, dataset: Dataset,
     limit = sessions.chunk_limit(dataset)
     check_declared_length(request.content_length, limit)
     token = idempotency_key(request)
-    body = await read_body(request, limit, state.settings.body_timeout_s)
-    outcome.bytes = len(body)
-    session_id = outcome.session_id
-    return await state.ingestor.ingest(
-        IngestRequest(dataset, principal, body, gzipped, mime, True, token, outcome.request_id,
-                      outcome.received_at_ms, session_id=session_id),
-        process=chunk_step(sessions, state.publisher, state.settings.max_reported_errors,
-                           session_id))
+    with state.ingestor.budget.hold(dataset.id) as hold:  # given back once answered, or not
+        body = await read_body(request, limit, state.settings.body_timeout_s, hold)
+        outcome.bytes = len(body)
+        session_id = outcome.session_id
+        return await state.ingestor.ingest(
+            IngestRequest(dataset, principal, body, gzipped, mime, True, token,
+                          outcome.request_id, outcome.received_at_ms, session_id=session_id),
+            hold, process=chunk_step(sessions, state.publisher,
+                                     state.settings.max_reported_errors, session_id))
 
 
 def setup(app: web.Application) -> None:

@@ -10,6 +10,7 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from schemas.redis_keys import idempotency_key
+from tests.integration.test_body_budget import until
 from tests.integration.test_push import (
     BUDGET,
     BUDGET_ENV,
@@ -115,18 +116,20 @@ async def test_503_server_busy_when_the_body_budget_is_full_then_the_retry_goes_
     broker.pause()  # the first request holds its body's bytes until Kafka answers
     try:
         sent = gzipped(first)
+        held = len(sent["body"]) + len(orjson.dumps(first))  # compressed and inflated
         slow = asyncio.create_task(gw.post(sent.pop("body"), **sent, **{"Idempotency-Key": "a"}))
-        for _ in range(500):  # until the first request holds its share of the budget
-            if budget.in_use:
-                break
-            await asyncio.sleep(0.01)
-        assert budget.in_use == len(orjson.dumps(first)) and not slow.done()
-        sent = gzipped(second)
-        busy = await gw.post(sent.pop("body"), **sent, **{"Idempotency-Key": "b"})
+        await until(lambda: budget.in_use == held, "the first request holds its body")
+        assert not slow.done()
+        sent = gzipped(second)  # a few KiB compressed: its inflated bytes are what do not fit
+        refused = asyncio.create_task(gw.post(sent.pop("body"), **sent,
+                                              **{"Idempotency-Key": "b"}))
+        await until(lambda: budget.waiting == 1, "the second request waits for room")
+        assert budget.in_use == budget.capacity  # inflated into all the room there was, held
+        busy = await refused
         doc = await assert_problem(busy, 503, "SERVER_BUSY")
         assert busy.headers["Retry-After"] == "1"
         assert "Nothing was accepted" in doc["detail"]
-        assert not slow.done() and budget.waiting == 0
+        assert not slow.done() and budget.waiting == 0 and budget.in_use == held
         redis = Redis.from_url(gw.redis_url)  # refused before admission: never claimed
         assert await redis.exists(idempotency_key("sales", "pos", "b")) == 0
         await redis.aclose()

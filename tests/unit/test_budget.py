@@ -6,8 +6,16 @@ import asyncio
 
 import pytest
 
-from gateway.budget import BodyBudget
+from gateway.budget import BodyBudget, Hold
 from gateway.errors import ServerBusy
+
+
+def partly_held(capacity: int, held: int, wait_s: float = 5) -> tuple[BodyBudget, Hold]:
+    """A budget of ``capacity`` bytes, ``held`` of them by another request (its hold)."""
+    budget = BodyBudget(capacity, wait_s=wait_s)
+    other = budget.hold("sales")
+    assert other.try_cover(held)
+    return budget, other
 
 
 def test_taking_with_room_is_immediate_and_giving_returns_it():
@@ -80,3 +88,39 @@ async def test_smaller_waiters_behind_a_big_one_are_admitted_when_they_fit():
     budget.give(20)
     await big
     assert budget.in_use == 90
+
+
+async def test_a_hold_grows_to_totals_and_gives_back_exactly_what_it_took():
+    budget = BodyBudget(100, wait_s=0.05)
+    hold = budget.hold("sales")
+    assert hold.try_cover(30) and hold.try_cover(20)  # covered already: nothing taken
+    assert hold.held == budget.in_use == 30
+    assert hold.try_cover(60) and budget.in_use == 60
+    assert hold.spare(45) == 15 + 40  # held past what is used, and the free room
+    hold.fit(50)
+    assert hold.held == budget.in_use == 50
+    with hold:  # leaving gives it all back, however it is left
+        other = budget.hold("sales")
+        with pytest.raises(ServerBusy, match="the 60 bytes this one needed"):
+            await other.cover(60)
+        assert other.held == 0 and budget.waiting == 0
+    assert hold.held == budget.in_use == 0
+    hold.release()  # twice is harmless
+    assert budget.in_use == 0
+
+
+async def test_a_hold_past_the_whole_budget_counts_as_all_of_it_and_waits_to_be_alone():
+    budget, small = partly_held(100, 10)
+    big = budget.hold("sales")
+    assert big.try_cover(80)
+    growing = asyncio.create_task(big.cover(500))
+    await asyncio.sleep(0)
+    assert not growing.done() and big.held == 80
+    small.release()
+    await growing
+    assert big.held == budget.in_use == 100
+    assert big.spare(500) > 10**9  # alone: inflating more needs no more room
+    big.fit(10**6)
+    assert big.held == 100
+    big.release()
+    assert budget.in_use == 0
