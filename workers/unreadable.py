@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.codec import gzip_decode, lz4_decode, snappy_decode, zstd_decode
-from aiokafka.errors import CorruptRecordException, for_code
+from aiokafka.errors import CorruptRecordException, RebalanceInProgressError, for_code
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.record.util import decode_varint
 from aiokafka.structs import ConsumerRecord
@@ -101,7 +101,7 @@ async def skip(consumer: AIOKafkaConsumer, bootstrap: str, last: dict[TopicParti
                           "header key that is not UTF-8 was found after the batch's "
                           "offsets") from error
     tp = found.tp
-    taken = await _take(consumer, tp, found.before, found.unreadable[0].offset)
+    taken = await _take(consumer, tp, starts[tp], found.before, found.unreadable[0].offset)
     consumer.seek(tp, found.next_offset)
     for record in found.unreadable:
         log.warning("record %s:%d at offset %d has a header key that is not UTF-8; it goes "
@@ -150,10 +150,13 @@ async def _find(bootstrap: str, starts: dict[TopicPartition, int],
     return None
 
 
-async def _take(consumer: AIOKafkaConsumer, tp: TopicPartition, count: int,
+async def _take(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, count: int,
                 stop: int) -> list[ConsumerRecord]:
-    """The ``count`` records aiokafka gives of ``tp`` from its position, all before offset
-    ``stop`` (max_records keeps it from reaching the record it cannot read)."""
+    """The ``count`` records aiokafka gives of ``tp`` from ``start`` (where it was put), all
+    before offset ``stop`` (max_records keeps it from reaching the record it cannot read).
+    A record before ``start`` shows that a rebalance put the partition back at its committed
+    offset (as it does every partition): RebalanceInProgressError, so that the skip is
+    retried from the rewind."""
     taken: list[ConsumerRecord] = []
     deadline = time.monotonic() + _TAKE_S
     while len(taken) < count:
@@ -167,7 +170,11 @@ async def _take(consumer: AIOKafkaConsumer, tp: TopicPartition, count: int,
         except ERRORS as exc:
             raise Unskippable(f"aiokafka could not read a record of {tp} before offset "
                               f"{stop}: {exc!r}") from exc
-        taken.extend(fetched.get(tp, ()))
+        records = fetched.get(tp, [])
+        if records and records[0].offset < start:
+            raise RebalanceInProgressError(f"{tp} went back to offset {records[0].offset}, "
+                                           f"before {start}, while a record was skipped")
+        taken.extend(records)
     if taken and taken[-1].offset >= stop:
         raise Unskippable(f"aiokafka gave offset {taken[-1].offset} of {tp}, expected only "
                           f"records before {stop}")
