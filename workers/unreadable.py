@@ -29,6 +29,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.codec import gzip_decode, lz4_decode, snappy_decode, zstd_decode
 from aiokafka.errors import CorruptRecordException, RebalanceInProgressError, for_code
 from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.record.legacy_records import LegacyRecordBatch
 from aiokafka.record.util import decode_varint
 from aiokafka.structs import ConsumerRecord
 
@@ -185,6 +186,7 @@ async def _take(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, coun
 
 _BATCH = struct.Struct(">qiibIhiqqqhii")  # base offset .. record count: 61 bytes
 _LENGTH = struct.Struct(">qi")  # base offset, batch length (after these 12 bytes)
+_MAGIC = 16  # where every format has its magic byte
 _CODECS = {1: gzip_decode, 2: snappy_decode, 3: lz4_decode, 4: zstd_decode}
 _LOG_APPEND_TIME, _CONTROL = 0x08, 0x20
 
@@ -192,9 +194,14 @@ _LOG_APPEND_TIME, _CONTROL = 0x08, 0x20
 def first_unreadable(tp: TopicPartition, raw: bytes, start: int) -> _Found | None:
     """In the record batches ``raw`` of a fetch of ``tp`` from offset ``start``, the first
     with a record that has a header key that is not UTF-8. aiokafka skips control batches
-    and the records before the fetch offset, as here."""
+    and the records before the fetch offset, as here; it gives the records of older message
+    sets (v0, v1: no headers) before a v2 batch, which count among those before."""
     before = 0
-    for base, attributes, last_delta, first_ts, max_ts, count, body in _batches(raw):
+    for batch in _batches(raw):
+        if isinstance(batch, LegacyRecordBatch):
+            before += sum(record.offset >= start for record in batch)
+            continue
+        base, attributes, last_delta, first_ts, max_ts, count, body = batch
         if attributes & _CONTROL:
             continue
         found = None
@@ -221,17 +228,20 @@ def first_unreadable(tp: TopicPartition, raw: bytes, start: int) -> _Found | Non
 
 def _batches(raw: bytes):
     """(base offset, attributes, last offset delta, first and max timestamps, record count,
-    records) of each whole v2 batch in ``raw``; a fetch may end with part of one, and older
-    formats hold no headers."""
+    records) of each whole v2 batch in ``raw``, and each older message set (v0, v1: no
+    headers) as aiokafka reads it; a fetch may end with part of one."""
     pos = 0
     while pos + _LENGTH.size <= len(raw):
         base, length = _LENGTH.unpack_from(raw, pos)
         end = pos + _LENGTH.size + length
         if end > len(raw):
             return
-        (_, _, _, magic, _, attributes, last_delta, first_ts, max_ts, _, _, _,
-         count) = _BATCH.unpack_from(raw, pos)
-        if magic == 2:
+        magic = raw[pos + _MAGIC]
+        if magic < 2:  # shorter than a v2 batch's header may be
+            yield LegacyRecordBatch(raw[pos:end], magic)
+        else:
+            (_, _, _, _, _, attributes, last_delta, first_ts, max_ts, _, _, _,
+             count) = _BATCH.unpack_from(raw, pos)
             body = raw[pos + _BATCH.size:end]
             codec = _CODECS.get(attributes & 0x07)
             yield (base, attributes, last_delta, first_ts, max_ts, count,
