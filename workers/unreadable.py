@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 ERRORS = (UnicodeDecodeError, CorruptRecordException)
 CODE = "MALFORMED_HEADER"  # the dead letter's sluice-error-code
 _TAKE_S = 10.0  # to take the records before it from aiokafka (fetched moments ago)
+_TAKE_WAIT_S = 0.5  # one wait of those: then whether the partition is still assigned
 # the raw fetch's wait for data: a partition with some answers at once (Tansu answers a fetch
 # that may not wait with no partitions at all)
 _RAW_WAIT_MS = 100
@@ -91,7 +92,8 @@ async def skip(consumer: AIOKafkaConsumer, bootstrap: str, last: dict[TopicParti
     cannot read: the records aiokafka gives before it, the rest of its record batch read
     raw (aiokafka reads a batch whole, from any offset in it), then the unreadable ones
     (Unreadable, at the end). Every partition is where the batch leaves it, that one just
-    past the record batch."""
+    past the record batch. Nothing when a rebalance gave that partition to another member
+    meanwhile: the member that has it now meets the record."""
     starts = await _rewind(consumer, last)
     # the record is among those aiokafka fetched: not in a partition it found no more in
     ahead = {tp: offset for tp, offset in starts.items()
@@ -103,6 +105,9 @@ async def skip(consumer: AIOKafkaConsumer, bootstrap: str, last: dict[TopicParti
                           "offsets") from error
     tp = found.tp
     taken = await _take(consumer, tp, starts[tp], found.before, found.unreadable[0].offset)
+    if taken is None:  # the rebalance put the partitions kept at their committed offsets
+        await _rewind(consumer, last)
+        return []
     consumer.seek(tp, found.next_offset)
     for record in found.unreadable:
         log.warning("record %s:%d at offset %d has a header key that is not UTF-8; it goes "
@@ -152,22 +157,26 @@ async def _find(bootstrap: str, starts: dict[TopicPartition, int],
 
 
 async def _take(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, count: int,
-                stop: int) -> list[ConsumerRecord]:
+                stop: int) -> list[ConsumerRecord] | None:
     """The ``count`` records aiokafka gives of ``tp`` from ``start`` (where it was put), all
     before offset ``stop`` (max_records keeps it from reaching the record it cannot read).
     A record before ``start`` shows that a rebalance put the partition back at its committed
     offset (as it does every partition): RebalanceInProgressError, so that the skip is
-    retried from the rewind."""
+    retried from the rewind. None once a rebalance gave ``tp`` to another member (aiokafka
+    would give none of its records: each wait is short, to see that)."""
     taken: list[ConsumerRecord] = []
     deadline = time.monotonic() + _TAKE_S
-    while len(taken) < count:
+    while tp in consumer.assignment():
+        if len(taken) == count:
+            break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Unskippable(f"aiokafka gave {len(taken)} of the {count} records of {tp} "
                               f"before offset {stop} in {_TAKE_S:.0f} s")
         try:
-            fetched = await consumer.getmany(tp, timeout_ms=int(remaining * 1000),
-                                             max_records=count - len(taken))
+            fetched = await consumer.getmany(
+                tp, timeout_ms=int(min(remaining, _TAKE_WAIT_S) * 1000),
+                max_records=count - len(taken))
         except ERRORS as exc:
             raise Unskippable(f"aiokafka could not read a record of {tp} before offset "
                               f"{stop}: {exc!r}") from exc
@@ -176,6 +185,8 @@ async def _take(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, coun
             raise RebalanceInProgressError(f"{tp} went back to offset {records[0].offset}, "
                                            f"before {start}, while a record was skipped")
         taken.extend(records)
+    else:
+        return None
     if taken and taken[-1].offset >= stop:
         raise Unskippable(f"aiokafka gave offset {taken[-1].offset} of {tp}, expected only "
                           f"records before {stop}")
