@@ -26,7 +26,7 @@ from gateway.errors import (
 
 JSON = "application/json"
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
-_WAIT_STEP = 64 * 1024  # the least room a gzip body that does not fit waits for
+_WAIT_STEP = 64 * 1024  # the least room a gzip body waits for once its trailer lied
 
 
 class Stream(Protocol):
@@ -140,9 +140,13 @@ class _Inflation:
         return self._limit + 1 - self.size
 
     def wanted(self) -> int:
-        """Room to wait for: what the trailer says is left, as much again as there is, or
-        64 KiB, whichever is most, but no more than ``left``."""
-        return min(self.left, max(self._trailer - self.size, self.size, _WAIT_STEP))
+        """Room to wait for, no more than ``left``: what the trailer says is left and one
+        byte (for the end, or the byte that shows a bomb), so that room enough for the rest
+        is taken as soon as it is free; once the trailer is shown wrong (as much is inflated
+        already: it lied, or the body has several members), as much again as there is, or
+        64 KiB, whichever is more."""
+        told = self._trailer - self.size
+        return min(self.left, told + 1 if told >= 0 else max(self.size, _WAIT_STEP))
 
     def inflate(self, most: int) -> None:
         """Inflate up to ``most`` more bytes (fewer when the body ends first)."""

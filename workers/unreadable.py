@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.codec import gzip_decode, lz4_decode, snappy_decode, zstd_decode
-from aiokafka.errors import CorruptRecordException, for_code
+from aiokafka.errors import CorruptRecordException, RebalanceInProgressError, for_code
 from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.record.legacy_records import LegacyRecordBatch
 from aiokafka.record.util import decode_varint
 from aiokafka.structs import ConsumerRecord
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 ERRORS = (UnicodeDecodeError, CorruptRecordException)
 CODE = "MALFORMED_HEADER"  # the dead letter's sluice-error-code
 _TAKE_S = 10.0  # to take the records before it from aiokafka (fetched moments ago)
+_TAKE_WAIT_S = 0.5  # one wait of those: then whether the partition is still assigned
 # the raw fetch's wait for data: a partition with some answers at once (Tansu answers a fetch
 # that may not wait with no partitions at all)
 _RAW_WAIT_MS = 100
@@ -90,7 +92,8 @@ async def skip(consumer: AIOKafkaConsumer, bootstrap: str, last: dict[TopicParti
     cannot read: the records aiokafka gives before it, the rest of its record batch read
     raw (aiokafka reads a batch whole, from any offset in it), then the unreadable ones
     (Unreadable, at the end). Every partition is where the batch leaves it, that one just
-    past the record batch."""
+    past the record batch. Nothing when a rebalance gave that partition to another member
+    meanwhile: the member that has it now meets the record."""
     starts = await _rewind(consumer, last)
     # the record is among those aiokafka fetched: not in a partition it found no more in
     ahead = {tp: offset for tp, offset in starts.items()
@@ -101,7 +104,10 @@ async def skip(consumer: AIOKafkaConsumer, bootstrap: str, last: dict[TopicParti
                           "header key that is not UTF-8 was found after the batch's "
                           "offsets") from error
     tp = found.tp
-    taken = await _take(consumer, tp, found.before, found.unreadable[0].offset)
+    taken = await _take(consumer, tp, starts[tp], found.before, found.unreadable[0].offset)
+    if taken is None:  # the rebalance put the partitions kept at their committed offsets
+        await _rewind(consumer, last)
+        return []
     consumer.seek(tp, found.next_offset)
     for record in found.unreadable:
         log.warning("record %s:%d at offset %d has a header key that is not UTF-8; it goes "
@@ -150,24 +156,37 @@ async def _find(bootstrap: str, starts: dict[TopicPartition, int],
     return None
 
 
-async def _take(consumer: AIOKafkaConsumer, tp: TopicPartition, count: int,
-                stop: int) -> list[ConsumerRecord]:
-    """The ``count`` records aiokafka gives of ``tp`` from its position, all before offset
-    ``stop`` (max_records keeps it from reaching the record it cannot read)."""
+async def _take(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, count: int,
+                stop: int) -> list[ConsumerRecord] | None:
+    """The ``count`` records aiokafka gives of ``tp`` from ``start`` (where it was put), all
+    before offset ``stop`` (max_records keeps it from reaching the record it cannot read).
+    A record before ``start`` shows that a rebalance put the partition back at its committed
+    offset (as it does every partition): RebalanceInProgressError, so that the skip is
+    retried from the rewind. None once a rebalance gave ``tp`` to another member (aiokafka
+    would give none of its records: each wait is short, to see that)."""
     taken: list[ConsumerRecord] = []
     deadline = time.monotonic() + _TAKE_S
-    while len(taken) < count:
+    while tp in consumer.assignment():
+        if len(taken) == count:
+            break
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Unskippable(f"aiokafka gave {len(taken)} of the {count} records of {tp} "
                               f"before offset {stop} in {_TAKE_S:.0f} s")
         try:
-            fetched = await consumer.getmany(tp, timeout_ms=int(remaining * 1000),
-                                             max_records=count - len(taken))
+            fetched = await consumer.getmany(
+                tp, timeout_ms=int(min(remaining, _TAKE_WAIT_S) * 1000),
+                max_records=count - len(taken))
         except ERRORS as exc:
             raise Unskippable(f"aiokafka could not read a record of {tp} before offset "
                               f"{stop}: {exc!r}") from exc
-        taken.extend(fetched.get(tp, ()))
+        records = fetched.get(tp, [])
+        if records and records[0].offset < start:
+            raise RebalanceInProgressError(f"{tp} went back to offset {records[0].offset}, "
+                                           f"before {start}, while a record was skipped")
+        taken.extend(records)
+    else:
+        return None
     if taken and taken[-1].offset >= stop:
         raise Unskippable(f"aiokafka gave offset {taken[-1].offset} of {tp}, expected only "
                           f"records before {stop}")
@@ -178,6 +197,7 @@ async def _take(consumer: AIOKafkaConsumer, tp: TopicPartition, count: int,
 
 _BATCH = struct.Struct(">qiibIhiqqqhii")  # base offset .. record count: 61 bytes
 _LENGTH = struct.Struct(">qi")  # base offset, batch length (after these 12 bytes)
+_MAGIC = 16  # where every format has its magic byte
 _CODECS = {1: gzip_decode, 2: snappy_decode, 3: lz4_decode, 4: zstd_decode}
 _LOG_APPEND_TIME, _CONTROL = 0x08, 0x20
 
@@ -185,9 +205,14 @@ _LOG_APPEND_TIME, _CONTROL = 0x08, 0x20
 def first_unreadable(tp: TopicPartition, raw: bytes, start: int) -> _Found | None:
     """In the record batches ``raw`` of a fetch of ``tp`` from offset ``start``, the first
     with a record that has a header key that is not UTF-8. aiokafka skips control batches
-    and the records before the fetch offset, as here."""
+    and the records before the fetch offset, as here; it gives the records of older message
+    sets (v0, v1: no headers) before a v2 batch, which count among those before."""
     before = 0
-    for base, attributes, last_delta, first_ts, max_ts, count, body in _batches(raw):
+    for batch in _batches(raw):
+        if isinstance(batch, LegacyRecordBatch):
+            before += sum(record.offset >= start for record in batch)
+            continue
+        base, attributes, last_delta, first_ts, max_ts, count, body = batch
         if attributes & _CONTROL:
             continue
         found = None
@@ -214,17 +239,20 @@ def first_unreadable(tp: TopicPartition, raw: bytes, start: int) -> _Found | Non
 
 def _batches(raw: bytes):
     """(base offset, attributes, last offset delta, first and max timestamps, record count,
-    records) of each whole v2 batch in ``raw``; a fetch may end with part of one, and older
-    formats hold no headers."""
+    records) of each whole v2 batch in ``raw``, and each older message set (v0, v1: no
+    headers) as aiokafka reads it; a fetch may end with part of one."""
     pos = 0
     while pos + _LENGTH.size <= len(raw):
         base, length = _LENGTH.unpack_from(raw, pos)
         end = pos + _LENGTH.size + length
         if end > len(raw):
             return
-        (_, _, _, magic, _, attributes, last_delta, first_ts, max_ts, _, _, _,
-         count) = _BATCH.unpack_from(raw, pos)
-        if magic == 2:
+        magic = raw[pos + _MAGIC]
+        if magic < 2:  # shorter than a v2 batch's header may be
+            yield LegacyRecordBatch(raw[pos:end], magic)
+        else:
+            (_, _, _, _, _, attributes, last_delta, first_ts, max_ts, _, _, _,
+             count) = _BATCH.unpack_from(raw, pos)
             body = raw[pos + _BATCH.size:end]
             codec = _CODECS.get(attributes & 0x07)
             yield (base, attributes, last_delta, first_ts, max_ts, count,

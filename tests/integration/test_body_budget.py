@@ -179,3 +179,29 @@ async def test_every_way_a_request_ends_gives_its_bytes_back(make_gateway):
     assert done.status == 201 and budget.in_use == 0
     assert (await close(gw, session)).status == 200 and budget.in_use == 0
     assert events(await gw.published()) == ITEMS + ITEMS
+
+
+async def test_a_gzip_body_waits_for_the_room_its_trailer_says_it_needs_not_more(
+        make_gateway):
+    """A gzip body that does not fit inflates into all the room there is, then waits for
+    what its trailer says is left. It waited for as much again as it had inflated (at least
+    64 KiB), so room enough for the rest (freed while it waited) went unused and it got 503
+    although it fit."""
+    gw = await make_gateway(**BUDGET_ENV)
+    budget = body_budget(gw)
+    path = "/v1/datasets/sales/events"
+    holding = [await partial(gw, path, 50_000) for _ in range(4)]  # 2 bytes sent of each
+    await until(lambda: budget.in_use == 200_000, "the declared lengths are held")
+    items = sales_items(90_000, "gz")
+    packed = gzip.compress(orjson.dumps(items))
+    # it inflates into the 62,144 bytes left but its compressed body, then needs the rest
+    rest = len(orjson.dumps(items)) - (BUDGET - 200_000 - len(packed))
+    assert 0 < rest < 50_000 < 65_536
+    sending = asyncio.create_task(gw.post(packed, **{"Content-Encoding": "gzip"}))
+    await until(lambda: budget.waiting == 1, "the gzip body waits for room")
+    holding.pop()[1].close()  # one leaves (499): 50,000 bytes, more than the rest needs
+    assert (await sending).status == 202
+    for _, writer in holding:
+        writer.close()
+    await until(lambda: budget.in_use == 0, "every byte is given back")
+    assert events(await gw.published()) == items

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -20,6 +21,7 @@ from schemas.dataset import Limits, parse_dataset
 from schemas.structure import Structure
 from tests.integration.test_push import ITEMS
 from tests.services import consume_all, create_topics, produce, produce_batch
+from workers import unreadable
 from workers.config import WorkerSettings
 from workers.consumer import Worker
 from workers.sinks import open_sink
@@ -64,6 +66,15 @@ class Running:
     async def __aexit__(self, *exc):
         self.worker.stop()
         await asyncio.wait_for(self.task, 15)
+
+
+async def _stopped(worker: Worker) -> None:
+    """Stop what ``worker._start`` started, for a test that polls and handles by hand."""
+    if worker.consumer is not None:
+        await worker.consumer.stop()
+    await worker.dlq.stop()
+    await worker.sink.close()
+    await worker.redis.aclose()
 
 
 async def rows(storage_url: str, sql: str) -> list[tuple]:
@@ -256,11 +267,7 @@ async def test_a_rebalance_inside_a_poll_puts_no_record_in_the_batch_twice(gatew
         assert await count(storage, "other") == len(records)
     finally:
         await joining.stop()
-        if worker.consumer is not None:
-            await worker.consumer.stop()
-        await worker.dlq.stop()
-        await worker.sink.close()
-        await worker.redis.aclose()
+        await _stopped(worker)
 
 
 async def test_the_lag_of_a_partition_a_rebalance_took_reads_zero_here(gateway, tmp_path):
@@ -759,14 +766,93 @@ async def test_records_of_another_partition_in_the_failed_fetch_are_not_lost(gat
         assert sorted(await rows(storage, "SELECT n FROM plain")) == [(1,), (2,), (10,), (12,)]
         assert {tp: await consumer.committed(tp) for tp in (good, bad)} == {good: 2, bad: 3}
     finally:
-        if worker.consumer is not None:
-            await worker.consumer.stop()
-        await worker.dlq.stop()
-        await worker.sink.close()
-        await worker.redis.aclose()
+        await _stopped(worker)
     dead = await consume_all(gateway.bootstrap, r.dlq_topic(topic))
     assert [(d.value, dict(d.headers)[r.H_SOURCE_OFFSET]) for d in dead] == [
         (b'{"n": 11}', b"1")]
+
+
+@contextlib.asynccontextmanager
+async def _skipping_while_a_member_joins(gateway, tmp_path, monkeypatch, *, same_topic: bool,
+                                         **options):
+    """A worker started by hand whose partition of dataset plain's topic has offsets 0-1
+    fetched and, in one record batch after them, 2, 3 (a header key b"\\xff") and 4. A
+    consumer (``options``) of that topic, or else of another one, joins the worker's group
+    right after the skip's raw fetch. Yields (worker, that consumer, the partition, the
+    storage URL)."""
+    storage = f"sqlite:///{tmp_path}/skip-rebalance.db"
+    topic = await _dataset(gateway, "plain", "schema: {type: object, properties: "
+                           "{n: {type: integer}}}\n")
+    tp = TopicPartition(topic, 0)
+    await produce_batch(gateway.bootstrap, topic, 0, [(b'{"n": 1}', []), (b'{"n": 2}', [])])
+    running = Running(gateway, storage, WORKER_BATCH_MS="8000")
+    worker = running.worker
+    joining = AIOKafkaConsumer(topic if same_topic else r.dlq_topic(topic),
+                               bootstrap_servers=gateway.bootstrap,
+                               group_id=running.settings.group_id, enable_auto_commit=False,
+                               session_timeout_ms=3000, heartbeat_interval_ms=1000, **options)
+    find, joined = unreadable._find, asyncio.Event()
+
+    async def found_then_rebalanced(*args):
+        found = await find(*args)
+        if not joined.is_set():
+            joined.set()
+            await joining.start()
+        return found
+
+    monkeypatch.setattr(unreadable, "_find", found_then_rebalanced)
+    try:
+        await worker._start()
+        consumer = worker.consumer
+
+        async def fetched() -> bool:
+            return consumer.highwater(tp) == 2
+
+        await wait_for(fetched)  # the first poll's getmany gives these two
+        await produce_batch(gateway.bootstrap, topic, 0, [
+            (b'{"n": 3}', []), (b'{"n": 4}', [(b"\xff", b"v")]), (b'{"n": 5}', [])])
+        yield worker, joining, tp, storage
+        assert joined.is_set()
+    finally:
+        await joining.stop()
+        await _stopped(worker)
+
+
+async def test_a_rebalance_while_an_unreadable_record_is_skipped_loses_no_record(
+        gateway, tmp_path, monkeypatch):
+    """Skipping a record the client cannot read takes the records before it from aiokafka
+    after a raw fetch. A rebalance in between (a member joins the group) puts the partition
+    back at its committed offset: aiokafka then gave records the batch already held instead
+    of those before the record, and the partition moved past the record batch all the same,
+    so those records were never stored and their offsets were committed."""
+    async with _skipping_while_a_member_joins(gateway, tmp_path, monkeypatch,
+                                              same_topic=False) as (worker, _, tp, storage):
+        batch = await worker._poll()  # the second getmany raises
+        assert sorted(rec.offset for rec in batch) == [0, 1, 2, 3, 4]
+        await worker._handle(batch)
+        assert sorted(await rows(storage, "SELECT n FROM plain")) == [(1,), (2,), (3,), (5,)]
+        assert await worker.consumer.committed(tp) == 5
+    dead = await consume_all(gateway.bootstrap, r.dlq_topic(tp.topic))
+    assert [(d.value, dict(d.headers)[r.H_SOURCE_OFFSET]) for d in dead] == [
+        (b'{"n": 4}', b"3")]
+
+
+async def test_a_partition_a_rebalance_takes_while_a_record_is_skipped_is_left_to_its_owner(
+        gateway, tmp_path, monkeypatch):
+    """A rebalance that gives the partition of a record the client cannot read to another
+    member while the worker skips it: aiokafka gives the worker none of its records any
+    more, and the skip waited 10 s for them, then stopped the worker (Unskippable). The
+    poll now ends with the batch it had; the member that has the partition meets the
+    record."""
+    # its client id sorts before the worker's: the range assignor gives it the one partition
+    async with _skipping_while_a_member_joins(
+            gateway, tmp_path, monkeypatch, same_topic=True, client_id="a") as (
+            worker, joining, tp, _):
+        started = time.monotonic()
+        batch = await worker._poll()  # the second getmany raises
+        assert tp in joining.assignment() and tp not in worker.consumer.assignment()
+        assert [rec.offset for rec in batch if rec.topic == tp.topic] == [0, 1]
+        assert time.monotonic() - started < 8
 
 
 async def test_header_less_kafka_record_is_stored_as_connector_kafka(gateway, storage_url):
