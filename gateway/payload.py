@@ -94,7 +94,7 @@ async def _read(stream: Stream, limit: int, hold: Hold) -> bytes:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes", limit=limit)
-        if not hold.try_cover(size):
+        if size > hold.held and not hold.try_cover(size):  # a declared length covers it
             await hold.cover(size)
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
