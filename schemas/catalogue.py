@@ -10,7 +10,7 @@ import orjson
 import yaml
 
 from schemas.dataset import Dataset, DatasetError, Limits, parse_dataset
-from schemas.keys import IngestKey, key_id_of, matches
+from schemas.keys import IngestKey, key_id_of, matches, redact
 
 DEFINITION_SUFFIXES = (".json", ".yaml", ".yml")
 
@@ -103,7 +103,7 @@ def load_catalogue(
         try:
             dataset = parse_dataset(read_definition(path), limits)
         except (DatasetError, orjson.JSONDecodeError, yaml.YAMLError) as exc:
-            raise CatalogueError(f"{path}: {exc}") from exc
+            raise CatalogueError(redact(f"{path}: {_reason(exc)}")) from exc
         if dataset.id in datasets:
             raise CatalogueError(f"{path}: dataset id {dataset.id!r} already defined in "
                                  f"{datasets[dataset.id][1]}")
@@ -118,3 +118,13 @@ def load_catalogue(
         return Catalogue([d for d, _ in datasets.values()], admin_keys)
     except CatalogueError as exc:
         raise CatalogueError(f"{directory}: {exc}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """Why a file did not load. A YAML error is told by its line and column, without the
+    lines of the file PyYAML quotes (a key pasted there by mistake would be logged)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = f"{exc.context}: " if exc.context else ""
+        return f"{context}{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(exc)
