@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import orjson
@@ -13,6 +13,7 @@ from schemas.dataset import Dataset, DatasetError, Limits, parse_dataset
 from schemas.keys import IngestKey, key_id_of, matches, redact
 
 DEFINITION_SUFFIXES = (".json", ".yaml", ".yml")
+Stamp = tuple[tuple[str, int, int], ...]
 
 
 class CatalogueError(ValueError):
@@ -81,9 +82,37 @@ class Catalogue:
     def max_request_bytes(self) -> int:
         return max((d.max_request_bytes for d in self), default=1024 * 1024)
 
+    def changes_from(self, old: Catalogue) -> list[str]:
+        """What differs from ``old``, by dataset id and key id (never a hash), for a log line:
+        e.g. ``["datasets added: a", "keys removed: pos"]``; empty when nothing does."""
+        datasets = ({d.id: _definition(d) for d in old}, {d.id: _definition(d) for d in self})
+        found = []
+        for kind, (before, after) in (("datasets", datasets), ("keys", (old._keys, self._keys))):
+            changed = {i for i in after.keys() & before.keys() if after[i] != before[i]}
+            for change, ids in (("added", after.keys() - before.keys()),
+                                ("removed", before.keys() - after.keys()), ("changed", changed)):
+                if ids:
+                    found.append(f"{kind} {change}: {', '.join(sorted(ids))}")
+        return found
+
+
+def _definition(dataset: Dataset) -> tuple:
+    """A dataset's definition without its compiled validators (which compare by identity)."""
+    return tuple(getattr(dataset, f.name) for f in fields(dataset)
+                 if not f.name.startswith("validate_"))
+
 
 def definition_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in DEFINITION_SUFFIXES)
+
+
+def catalogue_stamp(directory: Path) -> Stamp:
+    """What changes when a definition file is added, removed or rewritten: each one's name,
+    modification time and size. Gateway and workers compare it with the stamp of the
+    catalogue they loaded (taken before loading it) and reload when it differs: a few stat
+    calls, cheap enough to check every few seconds."""
+    return tuple((p.name, st.st_mtime_ns, st.st_size)
+                 for p in definition_files(directory) for st in (p.stat(),))
 
 
 def read_definition(path: Path) -> object:
