@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway import reload
 from gateway.accounting import Accountant
 from gateway.admission import Admitter
 from gateway.budget import BodyBudget
-from gateway.config import Settings, check_body_budget
+from gateway.config import Settings, load_checked_catalogue
 from gateway.errors import ApiError, InternalError, MethodNotAllowed, NotFound
 from gateway.ingest import Ingestor
 from gateway.protocol import problem
@@ -22,7 +23,7 @@ from gateway.routes import datasets, events, health, ingestions, stats
 from gateway.scripts import ScriptBatcher
 from gateway.state import REQUEST_ID, STATE, State
 from schemas import logs, metrics, redis_client
-from schemas.catalogue import Catalogue, load_catalogue
+from schemas.catalogue import catalogue_stamp
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("sluice.access")
@@ -97,11 +98,17 @@ async def edge(request: web.Request, handler) -> web.StreamResponse:
         logs.REQUEST_ID.reset(token)
 
 
-def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Application:
-    """Build the application; the catalogue is loaded (and checked) here unless given."""
-    if catalogue is None:
-        catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
-    check_body_budget(settings, catalogue)
+def create_app(settings: Settings) -> web.Application:
+    """Build the application; the catalogue is loaded (and checked) here, and again by
+    gateway.reload whenever its files change."""
+    try:
+        stamp = catalogue_stamp(settings.catalogue_dir)  # before reading them: reload.reload
+    except OSError:
+        stamp = ()  # no directory: loading it says so
+    catalogue = load_checked_catalogue(settings)
+    # client_max_size bounds only aiohttp's own body readers (request.read(), post()), which
+    # no route calls: each reads its body with its dataset's limit (payload.read_limited) from
+    # the catalogue serving the request, so a limit a reload raises applies at once
     app = web.Application(middlewares=[edge],
                           client_max_size=catalogue.max_request_bytes)
     app[ACCESS_LOG] = settings.access_log
@@ -117,7 +124,8 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
         accountant = Accountant(redis, log_max_entries=settings.log_max_entries,
                                 log_max_age_s=settings.log_max_age_s)
         accountant.start()
-        app[STATE] = State(settings, catalogue, redis, publisher, ingestor, accountant)
+        app[STATE] = State(settings, catalogue, redis, publisher, ingestor, accountant,
+                           start_topics=frozenset(d.entry_topic for d in catalogue))
         yield
         await accountant.stop()
         await publisher.stop()
@@ -126,6 +134,7 @@ def create_app(settings: Settings, catalogue: Catalogue | None = None) -> web.Ap
         await redis.aclose()
 
     app.cleanup_ctx.append(resources)
+    reload.setup(app, settings, stamp)  # after resources: it needs the State
     events.setup(app)
     datasets.setup(app)
     health.setup(app)

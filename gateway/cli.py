@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import yaml
 
-from gateway.config import ConfigError, Settings, check_body_budget, markdown_table
+from gateway.config import ConfigError, Settings, load_checked_catalogue, markdown_table
 from schemas import logs
 from schemas.catalogue import (
     Catalogue,
@@ -44,8 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.server import serve  # uvloop, aiohttp and the metrics only when serving
 
     logs.configure(settings.log_level, settings.log_format)
-    catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
-    check_body_budget(settings, catalogue)  # fail fast, before the processes start
+    load_checked_catalogue(settings)  # fail fast, before the processes start
     return serve(settings)
 
 
@@ -180,7 +179,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
+    catalogue = load_checked_catalogue(settings)  # as the gateway loads it, at start or reload
     for dataset in catalogue:
         print(f"{dataset.id}: topic {dataset.entry_topic}, {len(dataset.ingest_keys)} key(s)")
     return 0

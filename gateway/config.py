@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.catalogue import Catalogue
+from schemas.catalogue import Catalogue, load_catalogue
 from schemas.dataset import Limits
 from schemas.envconfig import (
     ConfigError,
@@ -43,6 +43,13 @@ def _admin_keys(raw: str) -> tuple[IngestKey, ...]:
     return tuple(keys)
 
 
+def _reload_interval(raw: str) -> float:
+    value = float(raw)
+    if value != 0 and not 0.1 <= value <= 86400:
+        raise ValueError("must be 0 (reload on SIGHUP only) or seconds between 0.1 and 86400")
+    return value
+
+
 # name -> (field, default, parser, meaning). Order is the README's order.
 VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "SLUICE_HOST": ("host", "0.0.0.0", str, "address the gateway listens on"),
@@ -51,6 +58,8 @@ VARIABLES: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
                          "gateway processes sharing the port (SO_REUSEPORT)"),
     "SLUICE_CATALOGUE_DIR": ("catalogue_dir", "schemas/examples", Path,
                              "directory of dataset definition files (*.yaml, *.json)"),
+    "SLUICE_CATALOGUE_RELOAD_S": ("catalogue_reload_s", "5", _reload_interval,
+                                  "how often each gateway process checks the definition files and reloads them when they changed (also at once on SIGHUP; 0: on SIGHUP only); a catalogue that does not load leaves the last good one serving"),
     "SLUICE_ADMIN_KEYS": ("admin_keys", "", _admin_keys,
                           "admin keys as <key id>:<sha256>, comma-separated (sluice keys create --admin)"),
     "REDIS_URL": ("redis_url", "redis://127.0.0.1:6379/0", redis_url,
@@ -118,6 +127,7 @@ class Settings:
     port: int
     processes: int
     catalogue_dir: Path
+    catalogue_reload_s: float
     admin_keys: tuple[IngestKey, ...]
     redis_url: str
     redis_timeout_s: float
@@ -194,6 +204,14 @@ def check_body_budget(settings: Settings, catalogue: Catalogue) -> None:
             f"least the largest body a dataset allows: {largest[0]} bytes (dataset "
             f"{largest[1]!r}'s max_request_bytes or max_decompressed_bytes); raise it, and the "
             "gateway's memory limit with it (README, Operations), or lower the dataset's limit")
+
+
+def load_checked_catalogue(settings: Settings) -> Catalogue:
+    """The catalogue as the gateway serves it, loaded and checked: the same at start-up and
+    at every reload (CatalogueError or ConfigError when it cannot serve)."""
+    catalogue = load_catalogue(settings.catalogue_dir, settings.limits, settings.admin_keys)
+    check_body_budget(settings, catalogue)
+    return catalogue
 
 
 def markdown_table() -> str:

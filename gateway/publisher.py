@@ -12,7 +12,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -150,8 +150,10 @@ class Publisher:
             raise TopicNotFound(f"entry topic {topic!r} does not exist",
                                 headers={"Retry-After": RETRY_AFTER_S}) from exc
 
-    async def ready(self, topics: Sequence[str], timeout: float = 2.0) -> tuple[bool, str]:
-        """Whether the broker answers a metadata request and knows every entry topic."""
+    async def ready(self, topics: Sequence[str], timeout: float = 2.0, *,
+                    optional: Collection[str] = ()) -> tuple[bool, str]:
+        """Whether the broker answers a metadata request and knows every entry topic (those
+        in ``optional`` are named when missing, without failing the check)."""
         producer = self._producer
         if producer is None:
             return False, "not connected"
@@ -164,9 +166,12 @@ class Publisher:
             return False, "no broker answered the metadata request"
         known = cluster.topics()
         missing = [t for t in topics if t not in known]
-        if missing:
-            return False, f"missing entry topics: {', '.join(missing)}"
-        return True, "ok"
+        if not missing:
+            return True, "ok"
+        named = ", ".join(missing)
+        if any(t not in optional for t in missing):
+            return False, f"missing entry topics: {named}"
+        return True, f"ok; missing entry topics of datasets added by a reload: {named}"
 
 
 def _one_partition(producer: AIOKafkaProducer, topic: str) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -17,11 +17,14 @@ from schemas.catalogue import Catalogue
 @dataclass(slots=True)
 class State:
     settings: Settings
-    catalogue: Catalogue
+    catalogue: Catalogue  # replaced whole by a reload (gateway.reload): read it once a request
     redis: Redis
     publisher: Publisher
     ingestor: Ingestor
     accountant: Accountant
+    # entry topics of the catalogue the process started with: the ones /readyz requires
+    start_topics: frozenset[str] = field(default_factory=frozenset)
+    reload_failed: bool = False  # the files as they are now did not load (gateway.reload)
 
 
 STATE = web.AppKey("state", State)

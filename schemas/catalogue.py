@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import orjson
 import yaml
 
 from schemas.dataset import Dataset, DatasetError, Limits, parse_dataset
-from schemas.keys import IngestKey, key_id_of, matches
+from schemas.keys import IngestKey, key_id_of, matches, redact
 
 DEFINITION_SUFFIXES = (".json", ".yaml", ".yml")
+Stamp = tuple[tuple[str, int, int], ...]
 
 
 class CatalogueError(ValueError):
@@ -81,9 +82,37 @@ class Catalogue:
     def max_request_bytes(self) -> int:
         return max((d.max_request_bytes for d in self), default=1024 * 1024)
 
+    def changes_from(self, old: Catalogue) -> list[str]:
+        """What differs from ``old``, by dataset id and key id (never a hash), for a log line:
+        e.g. ``["datasets added: a", "keys removed: pos"]``; empty when nothing does."""
+        datasets = ({d.id: _definition(d) for d in old}, {d.id: _definition(d) for d in self})
+        found = []
+        for kind, (before, after) in (("datasets", datasets), ("keys", (old._keys, self._keys))):
+            changed = {i for i in after.keys() & before.keys() if after[i] != before[i]}
+            for change, ids in (("added", after.keys() - before.keys()),
+                                ("removed", before.keys() - after.keys()), ("changed", changed)):
+                if ids:
+                    found.append(f"{kind} {change}: {', '.join(sorted(ids))}")
+        return found
+
+
+def _definition(dataset: Dataset) -> tuple:
+    """A dataset's definition without its compiled validators (which compare by identity)."""
+    return tuple(getattr(dataset, f.name) for f in fields(dataset)
+                 if not f.name.startswith("validate_"))
+
 
 def definition_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in DEFINITION_SUFFIXES)
+
+
+def catalogue_stamp(directory: Path) -> Stamp:
+    """What changes when a definition file is added, removed or rewritten: each one's name,
+    modification time and size. Gateway and workers compare it with the stamp of the
+    catalogue they loaded (taken before loading it) and reload when it differs: a few stat
+    calls, cheap enough to check every few seconds."""
+    return tuple((p.name, st.st_mtime_ns, st.st_size)
+                 for p in definition_files(directory) for st in (p.stat(),))
 
 
 def read_definition(path: Path) -> object:
@@ -103,7 +132,7 @@ def load_catalogue(
         try:
             dataset = parse_dataset(read_definition(path), limits)
         except (DatasetError, orjson.JSONDecodeError, yaml.YAMLError) as exc:
-            raise CatalogueError(f"{path}: {exc}") from exc
+            raise CatalogueError(redact(f"{path}: {_reason(exc)}")) from exc
         if dataset.id in datasets:
             raise CatalogueError(f"{path}: dataset id {dataset.id!r} already defined in "
                                  f"{datasets[dataset.id][1]}")
@@ -118,3 +147,13 @@ def load_catalogue(
         return Catalogue([d for d, _ in datasets.values()], admin_keys)
     except CatalogueError as exc:
         raise CatalogueError(f"{directory}: {exc}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """Why a file did not load. A YAML error is told by its line and column, without the
+    lines of the file PyYAML quotes (a key pasted there by mistake would be logged)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        context = f"{exc.context}: " if exc.context else ""
+        return f"{context}{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(exc)

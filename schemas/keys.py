@@ -17,6 +17,8 @@ from schemas.records import KAFKA_CONNECTOR
 KEY_PREFIX = "sk_"
 KEY_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")  # a stored key: its SHA-256, lowercase hex
+# Anything shaped like a key in free text: its id (public) and its secret, to be cut.
+_KEY_IN_TEXT = re.compile(r"(?<![A-Za-z0-9])(sk_[a-z0-9][a-z0-9-]{0,62}_)[A-Za-z0-9_-]+")
 _SECRET_BYTES = 24
 
 
@@ -63,6 +65,13 @@ def key_id_of(key: str) -> str | None:
     if not sep or not secret or not KEY_ID_RE.match(key_id):
         return None
     return key_id
+
+
+def redact(text: str) -> str:
+    """``text`` with the secret of anything shaped like a key replaced by ``...``: for
+    messages that quote a definition file, where a key may have been pasted by mistake in
+    place of its hash."""
+    return _KEY_IN_TEXT.sub(r"\1...", text)
 
 
 def matches(presented: str, stored_sha256: str) -> bool:

@@ -86,6 +86,18 @@ BODY_BUDGET_WAITS = Counter(  # outcome: admitted (room came in time) or refused
 GATEWAY_READY = Gauge(
     "sluice_gateway_ready", "1 while Redis, Kafka (every entry topic) and the catalogue pass "
     "/readyz's checks, else 0; the lowest of the live processes", multiprocess_mode="livemin")
+CATALOGUE_RELOADS = Counter(  # outcome: loaded (now serving) or failed (the previous one kept)
+    "sluice_gateway_catalogue_reloads_total",
+    "Catalogue reloads of the gateway's processes (files changed, or SIGHUP), by outcome",
+    ["outcome"])
+CATALOGUE_RELOAD_FAILED = Gauge(
+    "sluice_gateway_catalogue_reload_failed", "1 while the definition files as they are now "
+    "failed to load and an older catalogue serves, else 0; the highest of the live processes",
+    multiprocess_mode="livemax")
+CATALOGUE_LOADED = Gauge(
+    "sluice_gateway_catalogue_loaded_timestamp_seconds", "Unix time the catalogue serving "
+    "was loaded (at start or by a reload); the oldest of the live processes",
+    multiprocess_mode="livemin")
 
 # --- workers -----------------------------------------------------------------------------
 WRITTEN = Counter(

@@ -1,9 +1,11 @@
 """Process supervision shared by the gateway and the workers: N forked children, restarted
-if they die, stopped together on SIGTERM/SIGINT. A child that exits with code 2 (a
-configuration or schema problem) stops the whole group: restarting it cannot help."""
+if they die, stopped together on SIGTERM/SIGINT, and (``hangup``) sent on the SIGHUP the
+supervisor gets. A child that exits with code 2 (a configuration or schema problem) stops the
+whole group: restarting it cannot help."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -19,15 +21,18 @@ CONFIG_EXIT = 2
 _RESTART_BACKOFF_S = 1.0
 
 
-def supervise(target: Callable[[], None], processes: int, name: str) -> int:
-    """Run ``target`` in ``processes`` forked children until SIGTERM/SIGINT; the exit code."""
+def supervise(target: Callable[[], None], processes: int, name: str, *,
+              hangup: bool = False) -> int:
+    """Run ``target`` in ``processes`` forked children until SIGTERM/SIGINT; the exit code.
+    With ``hangup``, a SIGHUP is passed on to every child (which ignores it until ``target``
+    handles it)."""
     ctx = multiprocessing.get_context("fork")
     stopping = False
     exit_code = 0
     children: list[multiprocessing.Process] = []
 
     def spawn() -> multiprocessing.Process:
-        child = ctx.Process(target=_child, args=(target,), name=name)
+        child = ctx.Process(target=_child, args=(target, hangup), name=name)
         child.start()
         return child
 
@@ -41,8 +46,17 @@ def supervise(target: Callable[[], None], processes: int, name: str) -> int:
                 signalled.add(child.pid)
                 os.kill(child.pid, signal.SIGTERM)
 
+    def pass_on(signum: int, _frame: object) -> None:
+        alive = [c.pid for c in children if c.is_alive() and c.pid is not None]
+        log.info("%s: SIGHUP passed on to processes %s", name, alive)
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                os.kill(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    if hangup:
+        signal.signal(signal.SIGHUP, pass_on)
     process_exited(os.getpid())  # this process serves nothing: its live gauges (0) must not count
     children.extend(spawn() for _ in range(processes))
     while not stopping:
@@ -68,10 +82,13 @@ def supervise(target: Callable[[], None], processes: int, name: str) -> int:
     return exit_code
 
 
-def _child(target: Callable[[], None]) -> None:
+def _child(target: Callable[[], None], hangup: bool) -> None:
     """A forked child runs ``target`` with the default SIGTERM and SIGINT actions, not the
     supervisor's forwarding handler (which it inherits with the fork): a signal that comes
-    before the target installs its own handlers then ends the child instead of being lost."""
+    before the target installs its own handlers then ends the child instead of being lost.
+    A SIGHUP passed on (``hangup``) is ignored until the target handles it."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if hangup:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     target()

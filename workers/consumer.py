@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from schemas import metrics, redis_client
 from schemas import outcomes as o
 from schemas import records as r
-from schemas.catalogue import CatalogueError, definition_files, load_catalogue
+from schemas.catalogue import CatalogueError, Stamp, catalogue_stamp, load_catalogue
 from schemas.periodic import Periodic
 from schemas.structure import Structure
 from workers import unreadable
@@ -60,20 +60,16 @@ class Worker:
         self.structures: dict[str, Structure] = {}  # by entry topic
         self.consumer: AIOKafkaConsumer | None = None
         self.stopping = asyncio.Event()
-        self._catalogue_stamp: tuple = ()
+        self._catalogue_stamp: Stamp = ()
         self.batches = 0
         self._lag_shown: set[TopicPartition] = set()  # partitions whose lag this process sets
         self._partition_bytes = min(settings.batch_max_bytes, 1024 * 1024)  # of one fetch
 
     # -- catalogue ---------------------------------------------------------------------------
 
-    def _stamp(self) -> tuple:
-        files = definition_files(self.settings.catalogue_dir)
-        return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
-
     async def load_catalogue(self) -> bool:
         """(Re)load the catalogue and prepare tables; True when the topic set changed."""
-        stamp = self._stamp()
+        stamp = catalogue_stamp(self.settings.catalogue_dir)
         if stamp == self._catalogue_stamp:
             return False
         catalogue = load_catalogue(self.settings.catalogue_dir, self.settings.limits)

@@ -37,14 +37,21 @@ async def readiness(state: State) -> tuple[bool, dict[str, str]]:
         redis_detail = "ok"
     except (RedisError, TimeoutError) as exc:
         redis_ok, redis_detail = False, f"unreachable: {type(exc).__name__}"
-    topics = [d.entry_topic for d in state.catalogue]
-    kafka_ok, kafka_detail = await state.publisher.ready(topics)
+    catalogue = state.catalogue
+    topics = [d.entry_topic for d in catalogue]
+    # an entry topic a reload brought is not required: a dataset added before its topic
+    # would take every gateway out of its load balancer at once, for all datasets (its
+    # pushes get 503 TOPIC_NOT_FOUND until the topic exists, as at start)
+    kafka_ok, kafka_detail = await state.publisher.ready(
+        topics, optional=[t for t in topics if t not in state.start_topics])
     checks = {
         "redis": redis_detail,
         "kafka": kafka_detail,
-        "catalogue": f"{len(state.catalogue)} datasets",
+        "catalogue": f"{len(catalogue)} datasets" + (
+            "; its files changed and failed to load (see the log): still serving this one"
+            if state.reload_failed else ""),
     }
-    ready = redis_ok and kafka_ok and len(state.catalogue) > 0
+    ready = redis_ok and kafka_ok and len(catalogue) > 0
     metrics.GATEWAY_READY.set(1 if ready else 0)
     return ready, checks
 

@@ -59,11 +59,12 @@ def _control_hold(request: web.Request) -> Hold:
 async def create_session(request: web.Request) -> web.Response:
     received_at_ms = _now_ms()
     state = request.app[STATE]
-    principal = _principal(request)
+    catalogue = state.catalogue  # the request's, whatever a reload does while its body comes
+    principal = authenticate(catalogue, header(request, "Authorization"))
     with _control_hold(request) as hold:
         body = await _control_body(request, hold)
         spec = parse_create(body, state.settings)
-        dataset = authorize(state.catalogue, principal, spec.dataset)
+        dataset = authorize(catalogue, principal, spec.dataset)
         answer = await state.ingestor.ingest(
             IngestRequest(dataset, principal, body, False, JSON, False,
                           idempotency_key(request), request[REQUEST_ID], received_at_ms),
@@ -123,9 +124,10 @@ async def session_stats(request: web.Request) -> web.Response:
 async def post_chunk(request: web.Request) -> web.Response:
     received_at_ms = _now_ms()
     state = request.app[STATE]
-    principal = _principal(request)
+    catalogue = state.catalogue  # the request's, whatever a reload does meanwhile
+    principal = authenticate(catalogue, header(request, "Authorization"))
     session_id = request.match_info["ingestion_id"]
-    dataset = state.catalogue.get(await request.app[SESSIONS].owner(session_id, principal))
+    dataset = catalogue.get(await request.app[SESSIONS].owner(session_id, principal))
     if dataset is None:
         raise DatasetNotFound("the session's dataset is no longer in the catalogue")
     outcome = RequestOutcome(dataset.id, principal.key_id, request[REQUEST_ID], received_at_ms,

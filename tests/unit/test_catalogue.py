@@ -5,6 +5,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import yaml
 
 from schemas.catalogue import CatalogueError, load_catalogue
 from schemas.columns import accepts_null, nul_path, store_bounded
@@ -272,3 +273,21 @@ def test_an_identifying_field_must_not_be_null_even_where_the_schema_allows_it(f
 ])
 def test_which_properties_allow_null(prop, nullable):
     assert accepts_null(prop) is nullable
+
+
+def test_a_key_pasted_into_a_definition_file_is_not_quoted(tmp_path):
+    """PyYAML's message quotes the lines around the error, and a key id's message quotes
+    the id: neither carries a key's secret into a log line or the CLI's output."""
+    key = new_key("pos")
+    secret = key.removeprefix("sk_pos_")
+    sales = {"id": "sales", "schema": {"type": "object"}}
+    (tmp_path / "sales.yaml").write_text(yaml.safe_dump(sales)
+                                         + f"ingest_keys: [{{id: pos, sha256: {key}]\n")
+    with pytest.raises(CatalogueError, match=r"sales\.yaml: .* at line \d+, column \d+") as bad:
+        load_catalogue(tmp_path, Limits())
+    assert secret not in str(bad.value)
+    (tmp_path / "sales.yaml").write_text(yaml.safe_dump(
+        {**sales, "ingest_keys": [{"id": key, "sha256": hash_key(key)}]}))
+    with pytest.raises(CatalogueError, match=r"key id 'sk_pos_\.\.\.' must match") as bad:
+        load_catalogue(tmp_path, Limits())
+    assert secret not in str(bad.value)

@@ -82,3 +82,31 @@ async def test_a_step_that_raises_is_logged_and_runs_again(caplog):
     assert len(calls) >= 3  # the loop outlived the failure
     failures = [r for r in caplog.records if "failed; it runs again" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info[0] is ValueError
+
+
+async def test_woken_it_runs_at_once_and_again_after_a_step_it_was_woken_during():
+    """Without an interval it runs only when woken (SIGHUP's catalogue reload); a wake
+    during a step runs the step once more after it, and stop ends the wait."""
+    calls: list[int] = []
+    release = asyncio.Event()
+
+    async def step() -> None:
+        calls.append(len(calls))
+        await release.wait()
+
+    periodic = Periodic(step, None)
+    periodic.start()
+    await asyncio.sleep(0.05)
+    assert calls == []
+    periodic.wake()
+    await asyncio.sleep(0.01)
+    assert calls == [0]  # running, held
+    periodic.wake()
+    periodic.wake()
+    release.set()
+    await asyncio.sleep(0.01)
+    assert calls == [0, 1]  # the wakes during the step: one more run
+    await asyncio.sleep(0.05)
+    assert calls == [0, 1]
+    await asyncio.wait_for(periodic.stop(), 1)
+    assert periodic._task.done()
