@@ -133,6 +133,10 @@ def load_catalogue(
             dataset = parse_dataset(read_definition(path), limits)
         except (DatasetError, orjson.JSONDecodeError, yaml.YAMLError) as exc:
             raise CatalogueError(redact(f"{path}: {_reason(exc)}")) from exc
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+            # a field of the wrong shape that a check further in trips over (a file cut
+            # short while being written: `required:` or `properties:` holding null)
+            raise CatalogueError(redact(f"{path}: malformed definition: {exc}")) from exc
         if dataset.id in datasets:
             raise CatalogueError(f"{path}: dataset id {dataset.id!r} already defined in "
                                  f"{datasets[dataset.id][1]}")
