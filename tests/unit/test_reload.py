@@ -141,3 +141,22 @@ async def test_a_half_written_file_is_a_failed_reload_reported_once(tmp_path, ca
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1 and str(path) in errors[0].getMessage(), text
 
+
+
+async def test_an_edit_keeping_the_size_and_the_mtime_is_seen(tmp_path):
+    """A key rotated in place (one hash for another: the same size) within the file system's
+    timestamp granularity of the previous write, or by a tool that keeps the modification
+    time (cp -p, rsync -t, tar): the old key must stop working all the same."""
+    old, new = new_key("pos"), new_key("pos")
+    reloads, state = _reloads(tmp_path)
+    _write(tmp_path, ingest_keys=[{"id": "pos", "sha256": hash_key(old)}])
+    await reloads.reload(state)
+    assert state.catalogue.authenticate(old) is not None
+    path = tmp_path / "sales.yaml"
+    before = path.stat()
+    path.write_text(path.read_text().replace(hash_key(old), hash_key(new)))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same tick
+    assert path.stat().st_size == before.st_size
+    await reloads.reload(state)
+    assert state.catalogue.authenticate(old) is None
+    assert state.catalogue.authenticate(new) is not None
