@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -13,7 +14,7 @@ from schemas.dataset import Dataset, DatasetError, Limits, parse_dataset
 from schemas.keys import IngestKey, key_id_of, matches, redact
 
 DEFINITION_SUFFIXES = (".json", ".yaml", ".yml")
-Stamp = tuple[tuple[str, int, int], ...]
+Stamp = tuple[tuple[str, int, int, bytes], ...]
 
 
 class CatalogueError(ValueError):
@@ -108,10 +109,13 @@ def definition_files(directory: Path) -> list[Path]:
 
 def catalogue_stamp(directory: Path) -> Stamp:
     """What changes when a definition file is added, removed or rewritten: each one's name,
-    modification time and size. Gateway and workers compare it with the stamp of the
-    catalogue they loaded (taken before loading it) and reload when it differs: a few stat
-    calls, cheap enough to check every few seconds."""
-    return tuple((p.name, st.st_mtime_ns, st.st_size)
+    modification time, size and a digest of its bytes. Gateway and workers compare it with
+    the stamp of the catalogue they loaded (taken before loading it) and reload when it
+    differs. Time and size alone miss an edit that keeps both: a key's hash replaced by
+    another (the same size) within the file system's timestamp granularity of the previous
+    write, or by a tool that keeps the modification time (cp -p, rsync -t, tar); the revoked
+    key would go on working. The files are small: reading them every few seconds is cheap."""
+    return tuple((p.name, st.st_mtime_ns, st.st_size, hashlib.blake2b(p.read_bytes()).digest())
                  for p in definition_files(directory) for st in (p.stat(),))
 
 
@@ -133,6 +137,10 @@ def load_catalogue(
             dataset = parse_dataset(read_definition(path), limits)
         except (DatasetError, orjson.JSONDecodeError, yaml.YAMLError) as exc:
             raise CatalogueError(redact(f"{path}: {_reason(exc)}")) from exc
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+            # a field of the wrong shape that a check further in trips over (a file cut
+            # short while being written: `required:` or `properties:` holding null)
+            raise CatalogueError(redact(f"{path}: malformed definition: {exc}")) from exc
         if dataset.id in datasets:
             raise CatalogueError(f"{path}: dataset id {dataset.id!r} already defined in "
                                  f"{datasets[dataset.id][1]}")

@@ -116,3 +116,47 @@ def test_changes_name_datasets_and_key_ids_only(tmp_path):
         "keys removed: pos",
     ]
     assert after.changes_from(after) == []
+
+
+async def test_a_half_written_file_is_a_failed_reload_reported_once(tmp_path, caplog):
+    """A definition file read while it is being written (cut short) can parse as YAML with a
+    field holding null or a string where a mapping belongs: that is a file that fails to
+    load (the old catalogue serving, the gauge, one ERROR), not an exception out of the
+    reload logged with its traceback at every check."""
+    reloads, state = _reloads(tmp_path)
+    serving = state.catalogue
+    path = tmp_path / "sales.yaml"
+    full = yaml.safe_dump({**DATASET, "schema": {"type": "object",
+                                                 "properties": {"a": {"type": "string"}}}})
+    for cut in ("properties:", "properties: {a: ", "required:"):
+        text = full.split("properties:")[0] + cut if cut != "required:" else (
+            yaml.safe_dump({**DATASET, "schema": {"type": "object", "required": None}}))
+        path.write_text(text)
+        os.utime(path, ns=(0, path.stat().st_mtime_ns + 1_000_000))
+        caplog.clear()
+        for _ in range(2):
+            await reloads.reload(state)
+        assert state.catalogue is serving and state.reload_failed, text
+        assert metrics.CATALOGUE_RELOAD_FAILED._value.get() == 1
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and str(path) in errors[0].getMessage(), text
+
+
+
+async def test_an_edit_keeping_the_size_and_the_mtime_is_seen(tmp_path):
+    """A key rotated in place (one hash for another: the same size) within the file system's
+    timestamp granularity of the previous write, or by a tool that keeps the modification
+    time (cp -p, rsync -t, tar): the old key must stop working all the same."""
+    old, new = new_key("pos"), new_key("pos")
+    reloads, state = _reloads(tmp_path)
+    _write(tmp_path, ingest_keys=[{"id": "pos", "sha256": hash_key(old)}])
+    await reloads.reload(state)
+    assert state.catalogue.authenticate(old) is not None
+    path = tmp_path / "sales.yaml"
+    before = path.stat()
+    path.write_text(path.read_text().replace(hash_key(old), hash_key(new)))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same tick
+    assert path.stat().st_size == before.st_size
+    await reloads.reload(state)
+    assert state.catalogue.authenticate(old) is None
+    assert state.catalogue.authenticate(new) is not None
