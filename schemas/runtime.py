@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_EXIT = 2
 _RESTART_BACKOFF_S = 1.0
+_HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # the supervisor's own handlers
 
 
 def supervise(target: Callable[[], None], processes: int, name: str, *,
@@ -32,8 +33,15 @@ def supervise(target: Callable[[], None], processes: int, name: str, *,
     children: list[multiprocessing.Process] = []
 
     def spawn() -> multiprocessing.Process:
-        child = ctx.Process(target=_child, args=(target, hangup), name=name)
-        child.start()
+        # The signals stay blocked across the fork: until _child has set its own actions, the
+        # child holds the supervisor's handlers, and one run there (a SIGHUP passed on to a
+        # replacement just forked) killed it. Pending, they meet the child's own actions.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            child = ctx.Process(target=_child, args=(target, hangup), name=name)
+            child.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return child
 
     signalled: set[int] = set()
@@ -91,4 +99,5 @@ def _child(target: Callable[[], None], hangup: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if hangup:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)  # blocked by spawn, across the fork
     target()

@@ -84,3 +84,53 @@ def test_sigterm_stops_started_children(tmp_path):
     _wait_for("ready-*", tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert _stops(proc) == 0
+
+
+# A supervisor passing SIGHUP on (as `sluice serve` does), whose children take a second to
+# reach _child, where they set their own signal actions: the window in which a fresh child
+# still holds the supervisor's handlers, widened so that a SIGHUP reliably lands in it.
+_HANGUP_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+import schemas.runtime as runtime
+
+marks = Path(sys.argv[1])
+forked = runtime._child
+
+def slow_child(target, hangup):
+    (marks / f"forked-{os.getpid()}").touch()
+    time.sleep(1.0)
+    forked(target, hangup)
+
+runtime._child = slow_child
+
+def child():
+    n = len(list(marks.glob("child-*")))
+    (marks / f"child-{n}-{os.getpid()}").touch()
+    if n == 0:
+        os._exit(1)  # the first dies: its replacement is forked while the list holds it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        signal.pause()
+
+sys.exit(runtime.supervise(child, 1, "test", hangup=True))
+"""
+
+
+def test_a_sighup_reaching_a_child_before_its_own_handlers_does_not_kill_it(tmp_path):
+    """The supervisor passes SIGHUP on to every live child, a replacement just forked
+    included. That child ran the supervisor's handler it had inherited, which failed on
+    the supervisor's process objects, and the child died (and was replaced, and could die
+    again the same way). Signals now stay blocked across the fork until the child has its
+    own actions: the SIGHUP is ignored, as it is by a child that has not started serving."""
+    proc = subprocess.Popen([sys.executable, "-c", _HANGUP_SCRIPT, str(tmp_path)], cwd=ROOT)
+    try:
+        _wait_for("forked-*", tmp_path, count=2)  # the replacement, in its window
+        proc.send_signal(signal.SIGHUP)  # passed on to the replacement
+        _wait_for("child-1-*", tmp_path)
+        time.sleep(2.5)  # another replacement would follow the 1 s back-off and its window
+        assert sorted(p.name.split("-")[1] for p in tmp_path.glob("child-*")) == ["0", "1"]
+        assert len(list(tmp_path.glob("forked-*"))) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert _stops(proc) == 0
