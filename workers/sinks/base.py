@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,15 +47,16 @@ class WriteResult:
         return sum(self.written.values())
 
 
-class TablePlans:
+class TablePlans(ABC):
     """How a sink writes each table: ``_sql`` holds, per table, the plan (a tuple whose first
     item is the structure it was made from) of the structure prepared last; ``_plan`` makes
     one."""
 
     _sql: dict[str, tuple[Any, ...]]
 
+    @abstractmethod
     def _plan(self, structure: Structure) -> tuple[Any, ...]:
-        raise NotImplementedError
+        """The plan of ``structure``: each sink says how it writes a table."""
 
     def _statement(self, structure: Structure) -> Any:
         """How rows shaped by ``structure`` are written: the plan of the structure last
